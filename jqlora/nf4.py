@@ -233,14 +233,8 @@ class NF4Tensor:
       ``{name: uint8[(n+1)//2, 1], name.absmax, name.quant_map, name.quant_state.bitsandbytes__nf4``
       and, with double quantization, ``name.nested_absmax, name.nested_quant_map}`` as numpy.
     """
-    state = {
-        "quant_type": "nf4",
-        "absmax": None,
-        "blocksize": self.block_size,
-        "quant_map": None,
-        "dtype": self.dtype.name,
-        "shape": list(self.shape),
-    }
+    state = {"quant_type": "nf4", "blocksize": self.block_size,
+             "dtype": self.dtype.name, "shape": list(self.shape)}
     out = {
         name: np.asarray(self.packed).reshape(-1, 1),
         f"{name}.absmax": np.asarray(self.absmax).reshape(-1),
@@ -251,7 +245,6 @@ class NF4Tensor:
       out[f"{name}.nested_quant_map"] = DYNAMIC_MAP_SIGNED.copy()
       state.update(nested_blocksize=NESTED_BLOCK_SIZE, nested_dtype="float32",
                    nested_offset=float(np.asarray(self.offset)))
-    state = {k: v for k, v in state.items() if v is not None}
     out[f"{name}.quant_state.bitsandbytes__nf4"] = np.frombuffer(
         json.dumps(state).encode(), dtype=np.uint8).copy()
     return out
