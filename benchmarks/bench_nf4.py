@@ -1,0 +1,97 @@
+"""NF4 quantize/dequantize throughput: jqlora (jit, CPU) side by side with bitsandbytes (CPU).
+
+Runs both libraries interleaved in one process on the same inputs, reports the
+median of several runs per operation, and writes a table and JSON.
+
+  python benchmarks/bench_nf4.py [--repeats 7] [--out benchmarks/results/bench_nf4.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jqlora
+
+SHAPES = [(4096, 4096), (4096, 11008)]
+
+
+def _median_seconds(fn, repeats: int) -> float:
+  fn()  # warm-up (and compilation for jax)
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def bench_shape(shape, dtype: str, repeats: int) -> list[dict]:
+  import bitsandbytes.functional as bnbf
+  import torch
+
+  torch.set_num_threads(os.cpu_count() or 1)
+  x_np = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+  x_jax = jnp.asarray(x_np, dtype)
+  x_torch = torch.from_numpy(x_np).to(getattr(torch, dtype))
+
+  quantize = jax.jit(lambda x: jqlora.quantize_nf4(x, 64, True))
+  dequantize = jax.jit(lambda t: jqlora.dequantize_nf4(t))
+  t = quantize(x_jax)
+  q, state = bnbf.quantize_4bit(x_torch, blocksize=64, quant_type="nf4",
+                                compress_statistics=True)
+
+  runs = {
+      ("quantize", "jqlora"): lambda: jax.block_until_ready(quantize(x_jax)),
+      ("quantize", "bitsandbytes"): lambda: bnbf.quantize_4bit(
+          x_torch, blocksize=64, quant_type="nf4", compress_statistics=True),
+      ("dequantize", "jqlora"): lambda: jax.block_until_ready(dequantize(t)),
+      ("dequantize", "bitsandbytes"): lambda: bnbf.dequantize_4bit(q, state),
+  }
+  seconds = {key: _median_seconds(fn, repeats) for key, fn in runs.items()}
+  rows = []
+  n = int(np.prod(shape))
+  for op in ("quantize", "dequantize"):
+    ours, theirs = seconds[(op, "jqlora")], seconds[(op, "bitsandbytes")]
+    rows.append({
+        "op": op, "shape": list(shape), "dtype": dtype,
+        "jqlora_ms": ours * 1e3, "bitsandbytes_ms": theirs * 1e3,
+        "jqlora_gelem_s": n / ours / 1e9, "bitsandbytes_gelem_s": n / theirs / 1e9,
+        "speedup": theirs / ours,
+    })
+  return rows
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--repeats", type=int, default=7)
+  parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+  parser.add_argument("--out", default="benchmarks/results/bench_nf4.json")
+  args = parser.parse_args()
+
+  rows = [row for shape in SHAPES for row in bench_shape(shape, args.dtype, args.repeats)]
+  machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+             "cpus": os.cpu_count(), "jax": jax.__version__, "backend": jax.default_backend()}
+  print(f"NF4 (block 64, double quant, {args.dtype}) on {machine['cpus']} CPUs, "
+        f"median of {args.repeats}")
+  print(f"{'op':<11}{'shape':>14}{'jqlora ms':>11}{'bnb ms':>10}{'speed-up':>10}")
+  for r in rows:
+    print(f"{r['op']:<11}{'x'.join(map(str, r['shape'])):>14}{r['jqlora_ms']:>11.1f}"
+          f"{r['bitsandbytes_ms']:>10.1f}{r['speedup']:>9.2f}x")
+  out = pathlib.Path(args.out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.write_text(json.dumps({"machine": machine, "repeats": args.repeats, "rows": rows}, indent=2))
+  print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+  main()
