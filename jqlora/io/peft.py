@@ -1,0 +1,248 @@
+"""LoRA adapters in PEFT's on-disk format, both ways.
+
+``adapter_config.json`` + ``adapter_model.safetensors`` with keys
+``base_model.model.<module>.lora_A.weight`` ``[r, in]`` and ``….lora_B.weight``
+``[out, r]`` (torch layouts), as ``peft.PeftModel.save_pretrained`` writes them.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+import os
+import pathlib
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors.numpy import load_file, save_file
+
+from jqlora import lora as lora_lib
+from jqlora.nn import Linear, LoRALinear
+from jqlora.surgery import apply_lora, lora_modules, module_names
+
+__all__ = ["save_adapter", "load_adapter", "CONFIG_NAME", "WEIGHTS_NAME"]
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+_PREFIX = "base_model.model."
+_UNSUPPORTED = {"use_dora": False, "fan_in_fan_out": False, "modules_to_save": None,
+                "layers_to_transform": None, "trainable_token_indices": None}
+
+
+def _entries(model: nnx.Module) -> dict[str, tuple[LoRALinear, int]]:
+  """PEFT module name -> (module, flat layer index) for every adapted layer."""
+  out = {}
+  for path, m in lora_modules(model):
+    for i, name in enumerate(module_names(model, path, m.batch_shape)):
+      if m.ranks[i]:
+        out[name] = (m, i)
+  return out
+
+
+def _flat(x) -> np.ndarray:
+  """A copy of ``x`` with the stacked axes flattened to one leading axis."""
+  x = np.array(x, np.float32)
+  return x.reshape(-1, *x.shape[-2:])
+
+
+def save_adapter(model: nnx.Module, directory: str | os.PathLike, *,
+                 base_model_name_or_path: str | None = None,
+                 task_type: str | None = "CAUSAL_LM") -> None:
+  """Writes the model's adapters as a PEFT LoRA adapter.
+
+  Args:
+    model: a model with adapters (``apply_lora``).
+    directory: created if needed; gets ``adapter_config.json`` and
+      ``adapter_model.safetensors``.
+    base_model_name_or_path: recorded in the config for PEFT.
+    task_type: PEFT task type.
+
+  Raises:
+    ValueError: the model has no adapters.
+  """
+  entries = _entries(model)
+  if not entries:
+    raise ValueError("save_adapter: the model has no LoRA adapters (call jqlora.apply_lora first)")
+  tensors, ranks, alphas = {}, {}, {}
+  flat = {id(m): (_flat(m.lora_a.get_value()), _flat(m.lora_b.get_value()),
+                  np.asarray(m.scale.get_value(), np.float32).reshape(-1)) for m, _ in entries.values()}
+  for name, (m, i) in entries.items():
+    a, b, scale = flat[id(m)]
+    r = m.ranks[i]
+    tensors[f"{_PREFIX}{name}.lora_A.weight"] = np.ascontiguousarray(a[i, :, :r].T)
+    tensors[f"{_PREFIX}{name}.lora_B.weight"] = np.ascontiguousarray(b[i, :r, :].T)
+    ranks[name] = r
+    alphas[name] = float(scale[i]) * (math.sqrt(r) if m.use_rslora else r)
+  use_rslora = {m.use_rslora for m, _ in entries.values()}
+  if len(use_rslora) != 1:
+    raise ValueError("save_adapter: PEFT needs one use_rslora setting for every module")
+  r = collections.Counter(ranks.values()).most_common(1)[0][0]
+  alpha = collections.Counter(round(a, 6) for a in alphas.values()).most_common(1)[0][0]
+  dropouts = {m.dropout for m, _ in entries.values()}
+  config = {
+      "peft_type": "LORA",
+      "task_type": task_type,
+      "base_model_name_or_path": base_model_name_or_path,
+      "r": r,
+      "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
+      "lora_dropout": max(dropouts),
+      "target_modules": _target_list(model, set(entries)),
+      "use_rslora": use_rslora.pop(),
+      "rank_pattern": {n: v for n, v in ranks.items() if v != r},
+      "alpha_pattern": {n: v for n, v in alphas.items() if not math.isclose(v, alpha, rel_tol=1e-6)},
+      "bias": "none",
+      "init_lora_weights": True,
+      "inference_mode": True,
+      "use_dora": False,
+      "fan_in_fan_out": False,
+      "modules_to_save": None,
+      "layers_to_transform": None,
+      "layers_pattern": None,
+      "exclude_modules": None,
+      "revision": None,
+  }
+  out = pathlib.Path(directory)
+  out.mkdir(parents=True, exist_ok=True)
+  (out / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
+  save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
+
+
+def _target_list(model: nnx.Module, adapted: set[str]) -> list[str]:
+  """Suffixes (``q_proj``) where every linear with that suffix is adapted, else full names."""
+  all_linears = set()
+  for path, m in nnx.iter_graph(model):
+    if isinstance(m, (Linear, nnx.Linear)):
+      shape = m.batch_shape if isinstance(m, Linear) else ()
+      all_linears.update(module_names(model, tuple(path), shape))
+  by_suffix = collections.defaultdict(set)
+  for name in all_linears:
+    by_suffix[name.rsplit(".", 1)[-1]].add(name)
+  targets = []
+  for suffix, names in sorted(by_suffix.items()):
+    if names <= adapted:
+      targets.append(suffix)
+    else:
+      targets.extend(sorted(names & adapted))
+  return targets
+
+
+def _read_config(path: pathlib.Path) -> lora_lib.LoraConfig:
+  file = path / CONFIG_NAME
+  if not file.is_file():
+    raise FileNotFoundError(f"load_adapter: {file} not found (expected a PEFT adapter folder)")
+  try:
+    cfg = json.loads(file.read_text())
+  except json.JSONDecodeError as e:
+    raise ValueError(f"load_adapter: {file} is not valid JSON: {e}") from None
+  if cfg.get("peft_type", "LORA") != "LORA":
+    raise ValueError(f"load_adapter: {file}: peft_type {cfg.get('peft_type')!r} is not supported "
+                     "(only LORA)")
+  for key, default in _UNSUPPORTED.items():
+    if cfg.get(key) not in (default, [], {}):
+      raise NotImplementedError(f"load_adapter: {file}: {key}={cfg[key]!r} is not supported")
+  if cfg.get("bias", "none") != "none":
+    raise NotImplementedError(f"load_adapter: {file}: bias={cfg['bias']!r} is not supported")
+  for key in ("r", "lora_alpha", "target_modules"):
+    if cfg.get(key) is None:
+      raise ValueError(f"load_adapter: {file} has no {key!r}")
+  try:
+    return lora_lib.LoraConfig(
+        r=cfg["r"], alpha=cfg["lora_alpha"], dropout=float(cfg.get("lora_dropout") or 0.0),
+        target_modules=cfg["target_modules"], use_rslora=bool(cfg.get("use_rslora", False)),
+        rank_pattern=cfg.get("rank_pattern") or {}, alpha_pattern=cfg.get("alpha_pattern") or {},
+        exclude_modules=cfg.get("exclude_modules"))
+  except (ValueError, TypeError) as e:
+    raise ValueError(f"load_adapter: {file}: {e}") from None
+
+
+def load_adapter(model: nnx.Module, directory: str | os.PathLike, *,
+                 rngs: nnx.Rngs | None = None) -> nnx.Module:
+  """Loads a PEFT LoRA adapter into ``model``.
+
+  When the model has no adapters yet they are added from ``adapter_config.json``
+  (targets, ranks, alphas, rsLoRA, rank/alpha patterns); otherwise the existing
+  adapters are filled (a smaller stored rank is zero-padded) and their scales set
+  from the file's config.
+
+  Args:
+    model: the base model the adapter was trained on.
+    directory: a folder with ``adapter_config.json`` and ``adapter_model.safetensors``.
+    rngs: for creating adapters (their values are overwritten); default seed 0.
+
+  Returns:
+    ``model``, in place.
+
+  Raises:
+    FileNotFoundError: a missing file.
+    ValueError: malformed files, or an adapter tensor whose module does not exist
+      or whose shape does not fit (the module is named).
+  """
+  path = pathlib.Path(directory)
+  config = _read_config(path)
+  weights_file = path / WEIGHTS_NAME
+  if not weights_file.is_file():
+    raise FileNotFoundError(f"load_adapter: {weights_file} not found")
+  try:
+    tensors = load_file(str(weights_file))
+  except Exception as e:  # safetensors raises its own error types
+    raise ValueError(f"load_adapter: cannot read {weights_file}: {e}") from None
+  if not lora_modules(model):
+    apply_lora(model, config, rngs=rngs or nnx.Rngs(0))
+  entries = _entries(model)
+
+  pairs: dict[str, dict[str, np.ndarray]] = collections.defaultdict(dict)
+  for key, value in tensors.items():
+    name = key[len(_PREFIX):] if key.startswith(_PREFIX) else key
+    name = name.replace(".default.", ".")
+    for part in ("lora_A", "lora_B"):
+      if name.endswith(f".{part}.weight"):
+        pairs[name[:-len(f".{part}.weight")]][part] = value
+        break
+    else:
+      raise ValueError(f"load_adapter: {weights_file}: unexpected tensor {key!r} (only LoRA "
+                       "lora_A/lora_B weights are supported)")
+  unknown = sorted(set(pairs) - set(entries))
+  if unknown:
+    raise ValueError(f"load_adapter: the adapter has weights for module {unknown[0]!r}"
+                     f"{f' (and {len(unknown) - 1} more)' if len(unknown) > 1 else ''}, which is "
+                     f"not an adapted linear of this model; adapted modules are e.g. "
+                     f"{sorted(entries)[:4]}")
+  missing = sorted(set(entries) - set(pairs))
+  if missing:
+    raise ValueError(f"load_adapter: the adapter has no weights for module {missing[0]!r}"
+                     f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}")
+
+  updates = {}
+  for name, (m, i) in entries.items():
+    pair = pairs[name]
+    if set(pair) != {"lora_A", "lora_B"}:
+      raise ValueError(f"load_adapter: module {name!r} lacks lora_A or lora_B in {weights_file}")
+    a, b = pair["lora_A"], pair["lora_B"]
+    r = a.shape[0]
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != m.in_features or b.shape != (m.out_features, r):
+      raise ValueError(
+          f"load_adapter: module {name!r}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not "
+          f"fit a [{m.out_features}, {m.in_features}] linear (expected [r, {m.in_features}] and "
+          f"[{m.out_features}, r])")
+    if r > m.rank:
+      raise ValueError(f"load_adapter: module {name!r}: adapter rank {r} exceeds the model's "
+                       f"LoRA rank {m.rank}")
+    if id(m) not in updates:
+      updates[id(m)] = (m, np.zeros_like(_flat(m.lora_a.get_value())),
+                        np.zeros_like(_flat(m.lora_b.get_value())),
+                        np.asarray(m.scale.get_value(), np.float32).reshape(-1).copy(),
+                        list(m.ranks))
+    _, fa, fb, scale, ranks = updates[id(m)]
+    fa[i, :, :r] = a.T
+    fb[i, :r, :] = b.T
+    scale[i] = lora_lib.resolve(config, name)[1]
+    ranks[i] = r
+  for m, fa, fb, scale, ranks in updates.values():
+    dtype = m.lora_a.get_value().dtype
+    m.lora_a.set_value(jnp.asarray(fa.reshape(m.lora_a.get_value().shape), dtype))
+    m.lora_b.set_value(jnp.asarray(fb.reshape(m.lora_b.get_value().shape), dtype))
+    m.scale.set_value(jnp.asarray(scale.reshape(m.batch_shape)))
+    m.ranks = tuple(ranks)
+  return model

@@ -1,0 +1,179 @@
+"""Flax NNX Variable types and linear modules for a frozen base with LoRA adapters.
+
+State is partitioned by Variable type, so a filter decides what trains:
+
+- ``NF4Weight``: a frozen ``NF4Tensor`` (never a ``Param``: no gradient, no
+  optimizer state);
+- ``Frozen``: every other frozen base array (embeddings, norms, float linear
+  weights, biases);
+- ``nnx.LoRAParam``: the adapters, the only trainable state;
+- ``LoRAScale``: the adapters' fixed scaling (per stacked layer).
+
+Base linear weights keep the torch layout ``[out, in]`` (NF4 storage layout).
+Leading axes (``batch_shape``) stack layers for a scan; a stacked module is
+called on one slice at a time.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jqlora import lora as lora_lib
+from jqlora import ops
+from jqlora.nf4 import NF4Tensor, dequantize_nf4
+
+__all__ = ["NF4Weight", "Frozen", "LoRAScale", "Linear", "LoRALinear", "QLoRALinear",
+           "base_matmul", "dense_weight", "batch_shape"]
+
+
+class NF4Weight(nnx.Variable):
+  """A frozen NF4-quantized weight (value: ``NF4Tensor``, leaves possibly stacked)."""
+
+
+class Frozen(nnx.Variable):
+  """A frozen float base array: embeddings, norms, float linear weights, biases."""
+
+
+class LoRAScale(nnx.Variable):
+  """The fixed LoRA scaling, shape ``batch_shape`` (one value per stacked layer)."""
+
+
+def _nf4_matmul(x: jax.Array, w: NF4Tensor) -> jax.Array:
+  if w.shape[-1] % w.block_size == 0:
+    return ops.nf4_matmul(x, w)
+  return x @ dequantize_nf4(w, x.dtype).T  # blocks straddle rows: no kernel layout
+
+
+def base_matmul(x: jax.Array, w: NF4Tensor | jax.Array) -> jax.Array:
+  """``x @ w.T`` in ``x.dtype`` for a float ``[out, in]`` or NF4 base weight."""
+  if isinstance(w, NF4Tensor):
+    return _nf4_matmul(x, w)
+  return x @ w.astype(x.dtype).T
+
+
+def dense_weight(w: NF4Tensor | jax.Array, dtype=None) -> jax.Array:
+  """The base weight as a dense array (dequantized when NF4), leading axes kept."""
+  if not isinstance(w, NF4Tensor):
+    return w if dtype is None else w.astype(dtype)
+  fn = lambda t: dequantize_nf4(t, dtype, backend="xla")
+  for _ in batch_shape(w):
+    fn = jax.vmap(fn)
+  return fn(w)
+
+
+def batch_shape(w: NF4Tensor | jax.Array) -> tuple[int, ...]:
+  """Leading (stacked-layer) axes of a linear weight ``[*batch, out, in]`` or its NF4 storage."""
+  if isinstance(w, NF4Tensor):
+    per_tensor = len(w.shape) if w.shape[-1] % w.block_size == 0 else 1
+    return tuple(w.packed.shape[:w.packed.ndim - per_tensor])
+  return tuple(w.shape[:-2])
+
+
+class Linear(nnx.Module):
+  """A frozen linear layer ``y = x @ w.T + bias`` with a float or NF4 weight.
+
+  Args:
+    weight: ``[*batch, out, in]`` float array, or an ``NF4Tensor`` of shape
+      ``[out, in]`` (storage leaves may carry leading ``batch`` axes).
+    bias: optional ``[*batch, out]`` float array.
+  """
+
+  def __init__(self, weight: NF4Tensor | jax.Array, bias: jax.Array | None = None):
+    if isinstance(weight, NF4Tensor):
+      if len(weight.shape) != 2:
+        raise ValueError(f"Linear: NF4 weight must be [out, in], got shape {weight.shape}")
+      self.weight = NF4Weight(weight)
+      self.out_features, self.in_features = weight.shape
+    else:
+      weight = jnp.asarray(weight)
+      if weight.ndim < 2:
+        raise ValueError(f"Linear: weight must be [..., out, in], got shape {weight.shape}")
+      self.weight = Frozen(weight)
+      self.out_features, self.in_features = weight.shape[-2:]
+    self.batch_shape = batch_shape(weight)
+    self.bias = None if bias is None else Frozen(jnp.asarray(bias))
+
+  @property
+  def quantized(self) -> bool:
+    return isinstance(self.weight, NF4Weight)
+
+  def base(self, x: jax.Array) -> jax.Array:
+    """The frozen base's output ``[..., out]`` in ``x.dtype``."""
+    y = base_matmul(x, self.weight.get_value())
+    if self.bias is not None:
+      y = y + self.bias.get_value().astype(y.dtype)
+    return y
+
+  def __call__(self, x: jax.Array, *, rng: jax.Array | None = None) -> jax.Array:
+    """Args: x ``[..., in]``; rng: unused (dropout key, for a uniform call). Returns ``[..., out]``."""
+    del rng
+    return self.base(x)
+
+
+class LoRALinear(Linear):
+  """A frozen base linear plus a LoRA adapter: ``base(x) + scale * dropout(x) @ a @ b``.
+
+  Args:
+    weight: base weight, as for ``Linear`` (float for ``LoRALinear``).
+    bias: optional base bias.
+    r: adapter rank.
+    alpha: LoRA alpha; scaling is ``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA).
+    use_rslora: rank-stabilized scaling.
+    dropout: dropout rate on the adapter's input, active only in training mode.
+    init: ``"kaiming"`` or ``"gaussian"`` (see ``jqlora.lora.init_adapter``).
+    rngs: initializes the adapter; kept for dropout keys when the module is not
+      stacked.
+    dtype: adapter dtype (float32 by default whatever the base dtype).
+  """
+
+  def __init__(self, weight: NF4Tensor | jax.Array, bias: jax.Array | None = None, *, r: int = 8,
+               alpha: float = 16, use_rslora: bool = False, dropout: float = 0.0,
+               init: str = "kaiming", rngs: nnx.Rngs, dtype=jnp.float32):
+    super().__init__(weight, bias)
+    a, b = lora_lib.init_adapter(rngs.params(), self.in_features, self.out_features, r,
+                                 init=init, batch_shape=self.batch_shape, dtype=dtype)
+    self.lora_a = nnx.LoRAParam(a)
+    self.lora_b = nnx.LoRAParam(b)
+    self.scale = LoRAScale(jnp.full(self.batch_shape, lora_lib.scaling(alpha, r, use_rslora),
+                                    jnp.float32))
+    self.dropout = float(dropout)
+    self.use_rslora = bool(use_rslora)
+    self.ranks = (r,) * math.prod(self.batch_shape)
+    self.deterministic = True
+    self.merged = False
+    self.rngs = rngs if not self.batch_shape and dropout > 0 else None
+
+  @property
+  def rank(self) -> int:
+    """Rank of the stored adapter (per-layer ranks, 0 for untargeted layers, are in ``ranks``)."""
+    return self.lora_a.get_value().shape[-1]
+
+  def __call__(self, x: jax.Array, *, rng: jax.Array | None = None) -> jax.Array:
+    """Args: x ``[..., in]``; rng: dropout key (training mode). Returns ``[..., out]``."""
+    y = self.base(x)
+    if self.merged:
+      return y
+    drop_rng = None
+    if not self.deterministic and self.dropout > 0.0:
+      if rng is None:
+        if self.rngs is None:
+          raise ValueError("LoRALinear: LoRA dropout in training mode needs an rng (pass rng= or "
+                           "build the module with rngs)")
+        rng = self.rngs.dropout()
+      drop_rng = rng
+    return y + lora_lib.lora_delta(x, self.lora_a.get_value(), self.lora_b.get_value(),
+                                   self.scale.get_value(), dropout=self.dropout, rng=drop_rng)
+
+
+class QLoRALinear(LoRALinear):
+  """A frozen NF4 base linear plus a float32 LoRA adapter (see ``LoRALinear``)."""
+
+  def __init__(self, weight: NF4Tensor, bias: jax.Array | None = None, **kwargs):
+    if not isinstance(weight, NF4Tensor):
+      raise TypeError(f"QLoRALinear: weight must be an NF4Tensor, got {type(weight).__name__}; "
+                      "use LoRALinear for a float base")
+    super().__init__(weight, bias, **kwargs)
