@@ -1,0 +1,148 @@
+"""The ``jqlora`` command: ``train``, ``generate`` and ``export``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+from collections.abc import Sequence
+
+__all__ = ["main"]
+
+
+def _default_dtype() -> str:
+  import jax
+
+  return "float32" if jax.default_backend() == "cpu" else "bfloat16"  # bf16 is slower on CPU
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+  from jqlora.config import load_config, parse_overrides
+  from jqlora.training.loop import train
+
+  config = load_config(args.config, parse_overrides(args.overrides))
+  train(config)
+  return 0
+
+
+def _load(model: str, adapter: str | None, *, quantize: bool, dtype: str):
+  import jax.numpy as jnp
+
+  import jqlora
+
+  m = jqlora.load_model(model, quantize=quantize, dtype=jnp.dtype(dtype))
+  if adapter:
+    jqlora.load_adapter(m, adapter)
+  return m
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+  import jqlora
+  from jqlora.generate import generate
+
+  tokenizer = jqlora.load_tokenizer(args.model)
+  model = _load(args.model, args.adapter, quantize=not args.no_quantize,
+                dtype=args.dtype or _default_dtype())
+  model.eval()
+  for answer in generate(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
+                         temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                         chat=not args.raw):
+    print(answer)
+  return 0
+
+
+def export(model_path: str, adapter: str, out: str | pathlib.Path, *, merged: bool = False) -> None:
+  """Writes ``adapter`` (trained on ``model_path``) to ``out`` as a PEFT adapter or merged model.
+
+  Args:
+    model_path: the base model (as for ``jqlora.load_model``).
+    adapter: a PEFT adapter folder.
+    out: the output folder.
+    merged: write the base with the adapter merged in, full precision
+      (float32 ``model.safetensors`` + ``config.json``, and the tokenizer when
+      it can be saved) instead of the adapter alone.
+  """
+  import jqlora
+
+  out = pathlib.Path(out)
+  model = _load(model_path, adapter, quantize=not merged, dtype="float32")
+  if not merged:
+    jqlora.save_adapter(model, out)
+    return
+  from safetensors.numpy import save_file
+
+  from jqlora.models import export_hf_state_dict
+
+  out.mkdir(parents=True, exist_ok=True)
+  tensors = dict(export_hf_state_dict(model))
+  save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+  (out / "config.json").write_text(json.dumps(model.config.to_hf(), indent=2))
+  try:
+    jqlora.load_tokenizer(model_path).save_pretrained(out)
+  except (OSError, ValueError):
+    pass  # a base without tokenizer files: weights and config are the export
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+  export(args.model, args.adapter, args.out, merged=args.merged)
+  print(f"wrote {'merged model' if args.merged else 'PEFT adapter'} to {args.out}")
+  return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="jqlora", description="QLoRA fine-tuning in JAX.")
+  sub = p.add_subparsers(dest="command", required=True)
+
+  t = sub.add_parser("train", help="fine-tune from a YAML config",
+                     description="Fine-tune as FILE.yaml says; key=value overrides any key. "
+                                 "Resumes automatically from a checkpoint in output_dir.")
+  t.add_argument("--config", required=True, help="YAML config file")
+  t.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+  t.set_defaults(fn=_cmd_train)
+
+  g = sub.add_parser("generate", help="answer a prompt (chat template, KV cache)")
+  g.add_argument("--model", required=True, help="base model: folder, .gguf or a default name")
+  g.add_argument("--adapter", help="PEFT adapter folder")
+  g.add_argument("--prompt", required=True, action="append", help="user message (repeatable)")
+  g.add_argument("--max-new-tokens", type=int, default=128)
+  g.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+  g.add_argument("--top-p", type=float, default=1.0)
+  g.add_argument("--seed", type=int, default=0)
+  g.add_argument("--raw", action="store_true", help="use the prompt as is (no chat template)")
+  g.add_argument("--dtype", choices=["float32", "bfloat16"], help="default: float32 on CPU")
+  g.add_argument("--no-quantize", action="store_true", help="keep the base in full precision")
+  g.set_defaults(fn=_cmd_generate)
+
+  e = sub.add_parser("export", help="write a PEFT adapter or a merged full-precision model")
+  e.add_argument("--model", required=True, help="the base model the adapter was trained on")
+  e.add_argument("--adapter", required=True, help="PEFT adapter folder")
+  e.add_argument("--out", required=True, help="output folder")
+  e.add_argument("--merged", action="store_true",
+                 help="merge into the full-precision base (safetensors + config.json)")
+  e.set_defaults(fn=_cmd_export)
+  return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """Entry point of the ``jqlora`` command; user errors print one line and exit 2."""
+  from jqlora.config import ConfigError
+  from jqlora.training.data import DataError
+
+  args = _parser().parse_args(argv)
+  try:
+    return args.fn(args)
+  except (ConfigError, DataError, FileNotFoundError) as e:
+    print(f"jqlora {args.command}: error: {e}", file=sys.stderr)
+    return 2
+  except RuntimeError as e:
+    from jqlora.training.loop import TrainingError
+
+    if not isinstance(e, TrainingError):
+      raise
+    print(f"jqlora {args.command}: error: {e}", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+  sys.exit(main())

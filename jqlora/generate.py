@@ -1,0 +1,137 @@
+"""Batched generation with the KV cache: greedy, temperature and top-p sampling, EOS stop.
+
+Prompts of different lengths are left-padded; padding gets segment id 0 so no
+real token attends to it, and each row's positions start at 0 on its first
+real token. Prefill and every decoding step run in one compiled function.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jqlora.training.data import render_prompt
+
+__all__ = ["generate", "generate_ids", "stop_token_ids"]
+
+_END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
+
+
+def stop_token_ids(tokenizer: Any) -> list[int]:
+  """EOS plus the end-of-turn tokens of common chat templates that the vocabulary has."""
+  vocab = tokenizer.get_vocab()
+  ids = {tokenizer.eos_token_id} | {vocab[t] for t in _END_OF_TURN if t in vocab}
+  return sorted(i for i in ids if i is not None)
+
+
+def _sample(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax.Array) -> jax.Array:
+  """Next tokens ``[B]`` from float32 logits ``[B, V]``: argmax when temperature is 0."""
+  scaled = logits / jnp.maximum(temperature, 1e-6)
+  sorted_logits = jnp.sort(scaled, axis=-1)[:, ::-1]
+  probs = jax.nn.softmax(sorted_logits, axis=-1)
+  # keep the smallest set of top tokens whose mass reaches top_p (always the first)
+  keep = (jnp.cumsum(probs, axis=-1) - probs) < top_p
+  cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+  sampled = jax.random.categorical(key, jnp.where(scaled >= cutoff, scaled, -jnp.inf), axis=-1)
+  return jnp.where(temperature > 0, sampled, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _generate(graphdef: nnx.GraphDef, max_new_tokens: int, state: Any, ids: jax.Array,
+              lengths: jax.Array, stop_ids: jax.Array, key: jax.Array, temperature: jax.Array,
+              top_p: jax.Array, pad_id: jax.Array) -> jax.Array:
+  model = nnx.merge(graphdef, state)
+  b, p = ids.shape
+  pad = p - lengths[:, None]
+  col = jnp.arange(p)[None, :]
+  segment_ids = (col >= pad).astype(jnp.int32)
+  positions = jnp.maximum(col - pad, 0).astype(jnp.int32)
+  cache = model.init_cache(b, p + max_new_tokens)
+  logits, cache = model(ids, positions=positions, segment_ids=segment_ids, cache=cache)
+  ones = jnp.ones((b, 1), jnp.int32)
+
+  def step(carry, i):
+    logits, cache, done, key = carry
+    key, sub = jax.random.split(key)
+    token = _sample(logits, sub, temperature, top_p)
+    token = jnp.where(done, pad_id, token)
+    done = done | jnp.isin(token, stop_ids)
+    logits, cache = model(token[:, None], positions=(lengths + i)[:, None],
+                          segment_ids=ones, cache=cache)
+    return (logits[:, -1], cache, done, key), token
+
+  init = (logits[:, -1], cache, jnp.zeros((b,), bool), key)
+  _, tokens = jax.lax.scan(step, init, jnp.arange(max_new_tokens))
+  return tokens.T
+
+
+def generate_ids(model: nnx.Module, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+                 stop_ids: Sequence[int], pad_id: int = 0, temperature: float = 0.0,
+                 top_p: float = 1.0, seed: int = 0) -> list[list[int]]:
+  """Continues each token prompt until a stop token or ``max_new_tokens``.
+
+  Args:
+    model: a jqlora model (``init_cache`` and ``cache=`` support).
+    prompts: token ids, one list per sequence (lengths may differ).
+    max_new_tokens: the most tokens generated per sequence.
+    stop_ids: tokens that end a sequence (kept in the output).
+    pad_id: filler after a sequence has stopped.
+    temperature: 0 for greedy decoding, else the softmax temperature.
+    top_p: nucleus sampling mass (1.0: the whole distribution).
+    seed: sampling seed.
+
+  Returns:
+    The generated ids of each sequence, up to and including its stop token.
+  """
+  if not prompts or any(len(p) == 0 for p in prompts):
+    raise ValueError("generate needs at least one prompt and no empty prompt")
+  width = -(-max(len(p) for p in prompts) // 16) * 16  # bucketed: fewer compilations
+  ids = np.full((len(prompts), width), pad_id, np.int32)
+  for row, p in enumerate(prompts):
+    ids[row, width - len(p):] = p
+  graphdef, state = nnx.split(model)
+  tokens = np.asarray(_generate(
+      graphdef, max_new_tokens, state, jnp.asarray(ids),
+      jnp.asarray([len(p) for p in prompts], jnp.int32), jnp.asarray(list(stop_ids), jnp.int32),
+      jax.random.key(seed), jnp.float32(temperature), jnp.float32(top_p), jnp.int32(pad_id)))
+  out = []
+  for row in tokens.tolist():
+    stops = [i for i, t in enumerate(row) if t in set(stop_ids)]
+    out.append(row[:stops[0] + 1] if stops else row)
+  return out
+
+
+def generate(model: nnx.Module, tokenizer: Any, prompts: Sequence[str | list[dict[str, str]]], *,
+             max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
+             seed: int = 0, chat: bool = True) -> list[str]:
+  """Answers each prompt (a user message, or a list of chat messages) as text.
+
+  Args:
+    model: a jqlora model, in eval mode.
+    tokenizer: its transformers tokenizer (the chat template formats prompts).
+    prompts: user messages, or full message lists ending with a user turn.
+    max_new_tokens, temperature, top_p, seed: see ``generate_ids``.
+    chat: format prompts with the chat template (False: use the text as is).
+
+  Returns:
+    The decoded answers, special tokens removed.
+  """
+  texts = []
+  for p in prompts:
+    if chat:
+      messages = [{"role": "user", "content": p}] if isinstance(p, str) else list(p)
+      texts.append(render_prompt(tokenizer, messages))
+    else:
+      texts.append(p)
+  add_special = not (chat and getattr(tokenizer, "chat_template", None))
+  ids = [tokenizer(t, add_special_tokens=add_special)["input_ids"] for t in texts]
+  pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+  out = generate_ids(model, ids, max_new_tokens=max_new_tokens, stop_ids=stop_token_ids(tokenizer),
+                     pad_id=pad_id, temperature=temperature, top_p=top_p, seed=seed)
+  return [tokenizer.decode(o, skip_special_tokens=True).strip() for o in out]

@@ -1,0 +1,7 @@
+"""Training: adapter-only optimizers, the compiled step, data, checkpoints and the loop."""
+
+from jqlora.training.optim import make_optimizer, make_schedule, make_tx
+from jqlora.training.step import IGNORE_INDEX, eval_loss_sums, token_loss_sums, train_step
+
+__all__ = ["IGNORE_INDEX", "eval_loss_sums", "make_optimizer", "make_schedule", "make_tx",
+           "token_loss_sums", "train_step"]

@@ -1,0 +1,73 @@
+"""Orbax checkpoints of a run: adapters, optimizer state, RNG state, step and data position.
+
+Frozen base weights are never written: a checkpoint holds only what training
+changes. Orbax writes each step into a temporary folder and renames it when
+complete, so a process killed during a save leaves the previous step usable.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+from flax import nnx
+
+__all__ = ["Checkpointer"]
+
+
+def _is_key(x: Any) -> bool:
+  return isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _trainable_state(model: nnx.Module, optimizer: nnx.Optimizer) -> dict[str, Any]:
+  """Everything a step changes, as a tree of plain arrays (PRNG keys as their data)."""
+  tree = {"adapter": nnx.to_pure_dict(nnx.state(model, optimizer.wrt)),
+          "rng": nnx.to_pure_dict(nnx.state(model, nnx.RngState)),
+          "optimizer": nnx.to_pure_dict(nnx.state(optimizer))}
+  return jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, tree)
+
+
+class Checkpointer:
+  """Saves and restores the training state under ``directory`` (one sub-folder per step)."""
+
+  def __init__(self, directory: str | pathlib.Path, max_to_keep: int | None = 2):
+    self.directory = pathlib.Path(directory).resolve()
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                           enable_async_checkpointing=False)
+    self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def latest_step(self) -> int | None:
+    """The newest complete checkpoint's step (unfinished temporary folders are ignored)."""
+    self._manager.reload()
+    return self._manager.latest_step()
+
+  def save(self, step: int, model: nnx.Module, optimizer: nnx.Optimizer,
+           meta: dict[str, Any]) -> None:
+    """Writes step ``step``: the trainable state and ``meta`` (JSON: data position, …)."""
+    state = _trainable_state(model, optimizer)
+    self._manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave({**meta, "step": step})))
+    self._manager.wait_until_finished()
+
+  def restore(self, step: int, model: nnx.Module, optimizer: nnx.Optimizer) -> dict[str, Any]:
+    """Loads step ``step`` into ``model`` and ``optimizer`` in place; returns its ``meta``."""
+    template = _trainable_state(model, optimizer)
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+    current = {"adapter": nnx.state(model, optimizer.wrt), "rng": nnx.state(model, nnx.RngState),
+               "optimizer": nnx.state(optimizer)}
+    for part, state in current.items():
+      pure = jax.tree.map(
+          lambda new, old: jax.random.wrap_key_data(new, impl=jax.random.key_impl(old))
+          if _is_key(old) else jnp.asarray(new, old.dtype),
+          restored.state[part], nnx.to_pure_dict(state))
+      nnx.replace_by_pure_dict(state, pure)
+      nnx.update(optimizer if part == "optimizer" else model, state)
+    return dict(restored.meta)
+
+  def close(self) -> None:
+    self._manager.close()

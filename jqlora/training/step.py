@@ -1,0 +1,143 @@
+"""One compiled optimizer step: shifted cross-entropy, token-normalised accumulation, clipping.
+
+A batch is a dict of int32 arrays ``input_ids``, ``labels`` and optionally
+``segment_ids`` / ``positions`` (packing), each ``[B, T]`` or ``[A, B, T]``
+with ``A`` micro-batches accumulated into one update. ``labels`` are aligned
+with ``input_ids`` (as in transformers) and shifted inside the loss; -100 is
+ignored, and a target is never taken across a packed segment boundary.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+__all__ = ["IGNORE_INDEX", "token_loss_sums", "train_step", "eval_loss_sums"]
+
+IGNORE_INDEX = -100
+Batch = Mapping[str, jax.Array]
+
+
+def token_loss_sums(logits: jax.Array, labels: jax.Array,
+                    segment_ids: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """Summed next-token cross-entropy and the number of target tokens.
+
+  Args:
+    logits: ``[B, T, V]`` (any float dtype; computed in float32).
+    labels: ``[B, T]`` int32 aligned with the inputs; position ``t + 1`` is
+      the target of ``logits[:, t]``; ``IGNORE_INDEX`` is not a target.
+    segment_ids: ``[B, T]`` int32 packing ids; no target crosses a change of id.
+
+  Returns:
+    ``(loss_sum, n_targets)``: float32 and int32 scalars.
+  """
+  targets = labels[:, 1:]
+  valid = targets != IGNORE_INDEX
+  if segment_ids is not None:
+    valid &= segment_ids[:, 1:] == segment_ids[:, :-1]
+  losses = optax.softmax_cross_entropy_with_integer_labels(
+      logits[:, :-1].astype(jnp.float32), jnp.where(valid, targets, 0))
+  return jnp.sum(jnp.where(valid, losses, 0.0)), jnp.sum(valid, dtype=jnp.int32)
+
+
+def _forward_sums(model: nnx.Module, batch: Batch) -> tuple[jax.Array, jax.Array]:
+  logits = model(batch["input_ids"], positions=batch.get("positions"),
+                 segment_ids=batch.get("segment_ids"))
+  return token_loss_sums(logits, batch["labels"], batch.get("segment_ids"))
+
+
+def _with_micro_axis(batch: Batch) -> dict[str, jax.Array]:
+  batch = {k: jnp.asarray(v) for k, v in batch.items() if v is not None}
+  if "input_ids" not in batch or "labels" not in batch:
+    raise ValueError(f"a batch needs 'input_ids' and 'labels', got keys {sorted(batch)}")
+  if batch["input_ids"].ndim == 2:
+    batch = {k: v[None] for k, v in batch.items()}
+  if batch["input_ids"].ndim != 3:
+    raise ValueError(f"input_ids must be [B, T] or [A, B, T], got shape {batch['input_ids'].shape}")
+  return batch
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(2, 3, 5))
+def _step(graphdef: nnx.GraphDef, opt_graphdef: nnx.GraphDef, params: Any,
+          rng: Any, rest: Any, opt_state: Any, batch: dict[str, jax.Array]):
+  copy = lambda tree: jax.tree.map(lambda x: x, tree)  # merge reuses its inputs' Variables
+
+  def loss_sum(params, rng, micro):
+    model = nnx.merge(graphdef, params, copy(rng), rest)  # dropout advances the rng copy
+    total, count = _forward_sums(model, micro)
+    return total, (count, nnx.state(model, nnx.RngState))
+
+  grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
+
+  def accumulate(carry, micro):
+    grads, total, count, rng = carry
+    (t, (c, rng)), g = grad_fn(params, rng, micro)
+    return (jax.tree.map(jnp.add, grads, g), total + t, count + c, rng), None
+
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  init = (zeros, jnp.float32(0), jnp.int32(0), rng)
+  (grads, total, count, new_rng), _ = jax.lax.scan(accumulate, init, batch)
+  denom = jnp.maximum(count, 1).astype(jnp.float32)
+  grads = jax.tree.map(lambda g: g / denom, grads)
+  loss = total / denom
+  grad_norm = optax.tree.norm(grads)
+  # the update mutates copies: params and opt_state stay for the non-finite fallback
+  model = nnx.merge(graphdef, copy(params), new_rng, rest)
+  optimizer = nnx.merge(opt_graphdef, copy(opt_state))
+  optimizer.update(model, grads)
+  # A non-finite loss or gradient leaves adapters and moments untouched.
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  new_params = keep(nnx.state(model, optimizer.wrt), params)
+  new_opt_state = keep(nnx.state(optimizer), opt_state)
+  metrics = {"loss": loss, "grad_norm": grad_norm, "n_tokens": count}
+  return new_params, nnx.state(model, nnx.RngState), new_opt_state, metrics
+
+
+def train_step(model: nnx.Module, optimizer: nnx.Optimizer, batch: Batch) -> dict[str, jax.Array]:
+  """One compiled optimizer step on ``batch``, updating ``model`` and ``optimizer`` in place.
+
+  The loss is the mean over all target tokens of all micro-batches (not the
+  mean of per-micro-batch means), so accumulating ``A`` micro-batches gives
+  the gradient of the ``A``-times larger batch. Gradients are taken only with
+  respect to ``optimizer.wrt`` (the adapters). A step whose loss or gradient is
+  not finite changes nothing (the caller decides to stop). Activation
+  checkpointing is the model's business (``model.remat = True`` on jqlora
+  models recomputes each layer in the backward pass).
+
+  Args:
+    model: the model, in train or eval mode (dropout follows the mode).
+    optimizer: from ``make_optimizer(model, tx)``.
+    batch: ``input_ids``, ``labels`` and optional ``segment_ids``/``positions``,
+      int32 ``[B, T]`` or ``[A, B, T]``.
+
+  Returns:
+    ``{"loss", "grad_norm"}`` float32 scalars (before clipping) and ``n_tokens`` int32.
+  """
+  batch = _with_micro_axis(batch)
+  graphdef, params, rng, rest = nnx.split(model, optimizer.wrt, nnx.RngState, ...)
+  opt_graphdef, opt_state = nnx.split(optimizer)
+  new_params, new_rng, new_opt_state, metrics = _step(
+      graphdef, opt_graphdef, params, rng, rest, opt_state, batch)
+  nnx.update(model, new_params, new_rng)
+  nnx.update(optimizer, new_opt_state)
+  return metrics
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _eval_sums(graphdef: nnx.GraphDef, state: Any, batch: dict[str, jax.Array]):
+  model = nnx.merge(graphdef, state)
+  return _forward_sums(model, batch)
+
+
+def eval_loss_sums(model: nnx.Module, batch: Batch) -> tuple[jax.Array, jax.Array]:
+  """Compiled ``(loss_sum, n_targets)`` of ``model`` on one ``[B, T]`` batch (no update)."""
+  graphdef, state = nnx.split(model)
+  batch = {k: jnp.asarray(v) for k, v in batch.items() if v is not None}
+  return _eval_sums(graphdef, state, batch)
