@@ -141,29 +141,28 @@ def load_model(path: str | pathlib.Path, *, quantize: bool = True, dtype=jnp.bfl
 
 
 def load_tokenizer(path: str | pathlib.Path) -> Any:
-  """transformers' tokenizer for a checkpoint, chat template included.
+  """transformers' tokenizer for a checkpoint, chat template included (torch is not needed).
 
   Args:
-    path: a folder with tokenizer files, a ``.gguf`` file, or ``DEFAULT_MODEL``.
+    path: a folder with tokenizer files, a ``.gguf`` file (its tokenizer is rebuilt
+      from the metadata, see ``jqlora.io.gguf_tokenizer``), or ``DEFAULT_MODEL``.
 
   Returns:
-    A ``transformers`` tokenizer.
+    A ``transformers`` fast tokenizer.
 
   Raises:
     FileNotFoundError: nothing at ``path``, or a folder without tokenizer files.
+    ValueError: neither a folder nor a ``.gguf`` file, or a GGUF tokenizer that is not supported.
   """
-  from transformers import AutoTokenizer  # local: slow to import
-
   p = _resolve(path)
   if p.is_dir():
     if not any((p / f).is_file() for f in _TOKENIZER_FILES):
       raise FileNotFoundError(
           f"{p}: no tokenizer files (looked for {', '.join(_TOKENIZER_FILES)}); save the "
           "tokenizer into this folder or load it from the base model's folder")
+    from transformers import AutoTokenizer  # local: slow to import
     return AutoTokenizer.from_pretrained(p, local_files_only=True)
   if p.suffix != ".gguf":
     raise ValueError(f"{p}: expected a folder with tokenizer files or a .gguf file")
-  tokenizer = AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name, local_files_only=True)
-  if not tokenizer.chat_template:
-    tokenizer.chat_template = GGUFSource(p).metadata("tokenizer.chat_template")
-  return tokenizer
+  from jqlora.io.gguf_tokenizer import gguf_tokenizer  # local: imports transformers
+  return gguf_tokenizer(GGUFSource(p))

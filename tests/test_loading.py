@@ -2,7 +2,10 @@
 
 import importlib.util
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import bitsandbytes as bnb
 import gguf
@@ -101,6 +104,40 @@ def test_tokenizer_has_the_chat_template(gguf_source, tokenizer, tmp_path):
   again = jqlora.load_tokenizer(tmp_path)
   assert again.chat_template == tokenizer.chat_template
   assert again(text)["input_ids"] == tokenizer(text)["input_ids"]
+
+
+# torch stays findable (transformers only checks that it is installed), but importing it fails.
+_NO_TORCH = """
+import importlib.abc, importlib.machinery, sys
+
+class NoTorch(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+  def find_spec(self, name, path=None, target=None):
+    if name == "torch" or name.startswith("torch."):
+      return importlib.machinery.ModuleSpec(name, self)
+    return None
+
+  def create_module(self, spec):
+    raise ImportError(f"torch is blocked: something imported {spec.name}")
+
+sys.meta_path.insert(0, NoTorch())
+import jqlora
+tokenizer = jqlora.load_tokenizer(jqlora.DEFAULT_MODEL)
+chat = [{"role": "user", "content": "Hi"}]
+print(tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_dict=True)["input_ids"])
+print(tokenizer.decode(tokenizer.encode("12 apples")), tokenizer.eos_token, tokenizer.pad_token_id)
+print(sorted(m for m in sys.modules if m == "torch" or m.startswith("torch.")))
+"""
+
+
+def test_default_tokenizer_loads_without_torch(tokenizer):
+  """The core install has no torch: the GGUF tokenizer is built without importing it."""
+  out = subprocess.run([sys.executable, "-c", _NO_TORCH], capture_output=True, text=True,
+                       timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+  assert out.returncode == 0, out.stderr
+  ids, text, modules = out.stdout.strip().splitlines()[-3:]
+  assert json.loads(ids) == _chat_ids(tokenizer, "Hi").tolist()
+  assert text == "12 apples <|im_end|> 2"
+  assert modules == "[]"
 
 
 def test_tokenizer_folder_without_tokenizer_files(data_dir):
