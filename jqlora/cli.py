@@ -1,4 +1,4 @@
-"""The ``jqlora`` command: ``train``, ``generate`` and ``export``."""
+"""The ``jqlora`` command: ``train``, ``generate``, ``export`` and ``plan``."""
 
 from __future__ import annotations
 
@@ -121,14 +121,25 @@ def _parser() -> argparse.ArgumentParser:
   e.add_argument("--merged", action="store_true",
                  help="merge into the full-precision base (safetensors + config.json)")
   e.set_defaults(fn=_cmd_export)
+
+  sub.add_parser("plan", add_help=False,
+                 help="memory budget per device and whether it fits (jqlora plan --help)")
   return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  """Entry point of the ``jqlora`` command; user errors print one line and exit 2."""
+  """Entry point of the ``jqlora`` command; user errors print one line and exit 2.
+
+  ``jqlora plan …`` is ``jqlora.plan.main``: exit 0 when it fits, 1 when not.
+  """
   from jqlora.config import ConfigError
   from jqlora.training.data import DataError
 
+  argv = list(sys.argv[1:] if argv is None else argv)
+  if argv[:1] == ["plan"]:
+    from jqlora.plan import main as plan_main
+
+    return plan_main(argv[1:])
   args = _parser().parse_args(argv)
   try:
     return args.fn(args)

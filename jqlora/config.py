@@ -2,7 +2,10 @@
 
 A config file is one mapping of the keys of :class:`TrainConfig`; relative paths
 in it (datasets, output directory, a local base model) are resolved against the
-file's folder. Every error names the file and key and says what was expected.
+file's folder. The ``mesh`` and ``distributed`` sections are written either as
+nested mappings (``mesh: {data: 2, tensor: 2}``) or as dotted keys
+(``mesh.data: 2``, and ``mesh.data=2`` on the command line). Every error names
+the file and key and says what was expected.
 """
 
 from __future__ import annotations
@@ -16,11 +19,55 @@ from typing import Any, Literal
 
 import yaml
 
-__all__ = ["ConfigError", "TrainConfig", "load_config", "parse_overrides"]
+__all__ = ["ConfigError", "DistributedConfig", "MeshConfig", "TrainConfig", "load_config",
+           "parse_overrides"]
 
 
 class ConfigError(ValueError):
   """A config file or override that cannot be used (message names the key)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """``mesh.*``: axis sizes of the device mesh (see ``jqlora.sharding``).
+
+  The product must equal the number of devices (of all processes), except
+  the default 1 x 1 x 1, which trains unsharded on one device.
+  """
+
+  data: int = 1
+  fsdp: int = 1
+  tensor: int = 1
+
+  def __post_init__(self) -> None:
+    for key in ("data", "fsdp", "tensor"):
+      if getattr(self, key) < 1:
+        raise ConfigError(f"mesh.{key} must be >= 1, got {getattr(self, key)}")
+
+  @property
+  def size(self) -> int:
+    """Devices the mesh spans: ``data * fsdp * tensor``."""
+    return self.data * self.fsdp * self.tensor
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedConfig:
+  """``distributed.*``: ``jax.distributed.initialize`` arguments for multi-process training.
+
+  Unset values come from the environment (see ``jqlora.training.distributed``).
+  """
+
+  coordinator_address: str | None = None  # "host:port" of process 0
+  num_processes: int | None = None
+  process_id: int | None = None
+
+  def __post_init__(self) -> None:
+    if self.num_processes is not None and self.num_processes < 1:
+      raise ConfigError(f"distributed.num_processes must be >= 1, got {self.num_processes}")
+    if self.process_id is not None and not (
+        0 <= self.process_id < (self.num_processes or self.process_id + 1)):
+      raise ConfigError(f"distributed.process_id must be in [0, num_processes), got "
+                        f"{self.process_id} of {self.num_processes}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +120,9 @@ class TrainConfig:
   eval_max_new_tokens: int = 32
   eval_print_samples: int = 3
   eval_merged_copy: bool = False  # decode from a merged float copy: faster, more memory
+  # scale-out
+  mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+  distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
 
   def __post_init__(self) -> None:
     positive = ("lora_r", "sequence_len", "micro_batch_size", "gradient_accumulation_steps",
@@ -97,8 +147,17 @@ class TrainConfig:
     return self.micro_batch_size * self.gradient_accumulation_steps * self.sequence_len
 
 
-_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+#: Sections: a nested mapping in YAML, dotted keys (``mesh.data``) everywhere.
+_SECTIONS: dict[str, type] = {"mesh": MeshConfig, "distributed": DistributedConfig}
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig) if f.name not in _SECTIONS}
+_KEYS = list(_FIELDS) + [f"{name}.{f.name}" for name, cls in _SECTIONS.items()
+                         for f in dataclasses.fields(cls)]
 _PATH_KEYS = ("dataset", "eval_dataset", "output_dir")
+
+
+def _key_type(key: str) -> Any:
+  section, _, sub = key.rpartition(".")
+  return typing.get_type_hints(_SECTIONS[section] if section else TrainConfig)[sub]
 
 
 def _type_name(tp: Any) -> str:
@@ -145,14 +204,29 @@ def _coerce(value: Any, tp: Any) -> Any:
 
 
 def _check_key(key: str, where: str) -> None:
-  if key not in _FIELDS:
-    near = difflib.get_close_matches(key, list(_FIELDS), n=1, cutoff=0.5)
-    hint = f"; did you mean {near[0]!r}?" if near else f"; known keys: {', '.join(_FIELDS)}"
+  if key not in _KEYS:
+    near = difflib.get_close_matches(key, _KEYS, n=1, cutoff=0.5)
+    hint = f"; did you mean {near[0]!r}?" if near else f"; known keys: {', '.join(_KEYS)}"
     raise ConfigError(f"{where}: unknown config key {key!r}{hint}")
 
 
+def _flatten(loaded: dict[Any, Any], where: str) -> dict[str, Any]:
+  """A YAML mapping with nested sections (``mesh: {data: 2}``) as dotted keys (``mesh.data``)."""
+  out: dict[str, Any] = {}
+  for key, value in loaded.items():
+    key = str(key)
+    if key not in _SECTIONS:
+      out[key] = value
+      continue
+    if value is not None and not isinstance(value, dict):
+      subkeys = ", ".join(f.name for f in dataclasses.fields(_SECTIONS[key]))
+      raise ConfigError(f"{where}: {key} must be a mapping with keys {subkeys}, got {value!r}")
+    out.update({f"{key}.{sub}": v for sub, v in (value or {}).items()})
+  return out
+
+
 def parse_overrides(items: list[str]) -> dict[str, Any]:
-  """``["lora_r=16", "lr_scheduler=linear"]`` -> dict, values parsed as YAML scalars.
+  """``["lora_r=16", "mesh.data=2"]`` -> dict, values parsed as YAML scalars.
 
   Raises:
     ConfigError: for an item without ``=`` or an unknown key.
@@ -199,8 +273,9 @@ def load_config(path: str | pathlib.Path | None, overrides: dict[str, Any] | Non
       loaded = {}
     if not isinstance(loaded, dict):
       raise ConfigError(f"{path}: expected a mapping of config keys, got {type(loaded).__name__}")
+    loaded = _flatten(loaded, where)
     for key in loaded:
-      _check_key(str(key), where)
+      _check_key(key, where)
     raw.update(loaded)
     base = path.resolve().parent
   for key, value in (overrides or {}).items():
@@ -208,7 +283,7 @@ def load_config(path: str | pathlib.Path | None, overrides: dict[str, Any] | Non
     raw[key] = value
   values: dict[str, Any] = {}
   for key, value in raw.items():
-    tp = typing.get_type_hints(TrainConfig)[key]
+    tp = _key_type(key)
     try:
       values[key] = _coerce(value, tp)
     except TypeError:
@@ -220,8 +295,11 @@ def load_config(path: str | pathlib.Path | None, overrides: dict[str, Any] | Non
   model = values.get("base_model")
   if model and (model.startswith(".") or "/" in model) and (base / model).exists():
     values["base_model"] = str((base / model).resolve())
+  sections = {name: {k.partition(".")[2]: values.pop(k) for k in list(values)
+                     if k.startswith(name + ".")} for name in _SECTIONS}
   try:
-    config = TrainConfig(**values)
+    sections = {name: _SECTIONS[name](**kw) for name, kw in sections.items()}
+    config = TrainConfig(**values, **sections)
   except ConfigError as e:
     raise ConfigError(f"{where}: {e}") from None
   if check_files:

@@ -28,7 +28,7 @@ from typing import Any
 
 from jqlora.models.llama import LlamaConfig
 
-__all__ = ["Plan", "PRESETS", "plan", "format_plan", "parse_size", "main"]
+__all__ = ["Plan", "PRESETS", "plan", "format_plan", "parse_size", "measure", "main"]
 
 #: LLaMA-1 shapes used by the QLoRA paper (``--model llama-65b``).
 PRESETS: dict[str, dict[str, Any]] = {
@@ -259,6 +259,41 @@ def plan(model: LlamaConfig | Mapping[str, Any] | str | pathlib.Path, *, devices
       optimizer=0 if optimizer_offload else adapters * 8,
       activations_full=int(full), activations_checkpointed=int(remat),
       memory_per_device=None if memory_per_device is None else parse_size(memory_per_device))
+
+
+def measure(model: Any, *, batch: int, seq: int) -> int:
+  """Peak bytes of one compiled ``jqlora.train_step`` on one device, from XLA's buffer assignment.
+
+  Compiles (runs nothing) the step as the training loop runs it, model and
+  optimizer state donated, on ``[batch, seq]`` int32 inputs, and returns
+  arguments + outputs - aliased + temporaries of ``memory_analysis()``: the
+  figure ``plan(...).total`` estimates (``model.remat`` selects checkpointing).
+
+  Args:
+    model: a jqlora model with adapters (``jqlora.apply_lora``).
+    batch, seq: the batch shape.
+  """
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from jqlora.training import make_optimizer, make_schedule, make_tx, train_step
+
+  optimizer = make_optimizer(model, make_tx(make_schedule("constant", 1e-3, 10)))
+  graphdef, state = nnx.split(model)
+  opt_graphdef, opt_state = nnx.split(optimizer)
+
+  def step(state, opt_state, inputs):
+    m, o = nnx.merge(graphdef, state), nnx.merge(opt_graphdef, opt_state)
+    metrics = train_step(m, o, inputs)
+    return nnx.state(m), nnx.state(o), metrics
+
+  ids = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
+  compiled = jax.jit(step, donate_argnums=(0, 1)).lower(
+      state, opt_state, {"input_ids": ids, "labels": ids}).compile()
+  m = compiled.memory_analysis()
+  return (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+          + m.temp_size_in_bytes)
 
 
 def _human(n: int) -> str:

@@ -34,6 +34,12 @@ collectives, and nothing leaves the devices between steps. In the compiled step
 the NF4 codes of one layer are all-gathered along ``in`` as bytes (FSDP-style,
 4x less traffic than 16-bit weights) and decoded on each device; the ``out``
 split of column-parallel linears is kept.
+
+Multi-process (``jax.distributed``): the mesh spans the devices of every
+process; each process loads the same model and the same global batches and
+fills only its own devices (``shard_model`` and ``shard_batch`` slice host
+copies), so no weights or data cross processes outside the compiled step.
+Checkpoints (``jqlora.training.checkpoint``) restore onto any mesh.
 """
 
 from __future__ import annotations
@@ -50,8 +56,8 @@ from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec as P
 from jqlora.nf4 import NF4Tensor
 
 __all__ = ["AXES", "COLUMN", "ROW", "make_mesh", "mesh_from_config", "partition_specs",
-           "model_shardings", "shard_model", "shard_batch", "batch_sharding",
-           "shard_shapes"]
+           "model_shardings", "shard_model", "shard_batch", "batch_sharding", "process_rows",
+           "replicate", "shard_shapes"]
 
 #: Mesh axis names, outermost first.
 AXES = ("data", "fsdp", "tensor")
@@ -265,10 +271,27 @@ def shard_model(model: Any, mesh: Mesh, **kwargs) -> Any:
 
   Returns:
     ``model``, its arrays now ``jax.Array``s with ``NamedSharding`` on ``mesh``.
+
+  Multi-process: every process holds the same host-local model (same
+  checkpoint, same seed) and keeps only its devices' shards of it.
   """
   state = nnx.state(model)
-  nnx.update(model, jax.device_put(state, model_shardings(state, mesh, **kwargs)))
+  nnx.update(model, jax.tree.map(_put, state, model_shardings(state, mesh, **kwargs)))
   return model
+
+
+def _put(x: Any, s: NamedSharding) -> jax.Array:
+  """``x`` placed with ``s``, each device's shard sliced from a host copy of a local ``x``.
+
+  Slicing on the host needs no compiled reshard per shape and works across
+  processes (each process fills its own devices from its own copy).
+  """
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return jax.device_put(x, s)  # already global: XLA reshards
+  if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    return jax.random.wrap_key_data(_put(jax.random.key_data(x), s), impl=jax.random.key_impl(x))
+  host = np.asarray(x)
+  return jax.make_array_from_callback(host.shape, s, lambda index: host[index])
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
@@ -276,16 +299,43 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
   return NamedSharding(mesh, P(*((None,) * (ndim - 2)), _BATCH_AXES, None))
 
 
+def process_rows(mesh: Mesh, batch_size: int) -> slice:
+  """The rows of a global batch ``[B, T]`` that this process's devices hold (``batch_sharding``).
+
+  Raises:
+    ValueError: this process's rows are not one contiguous range (a device
+      order that interleaves processes along the batch axes).
+  """
+  index_map = batch_sharding(mesh).addressable_devices_indices_map((batch_size, 1))
+  rows = sorted({idx[0].indices(batch_size)[:2] for idx in index_map.values()})
+  start, stop = rows[0][0], rows[-1][1]
+  if sum(b - a for a, b in rows) != stop - start:
+    raise ValueError(f"process_rows: process {jax.process_index()} holds rows {rows} of the "
+                     "batch, not one contiguous range; order the mesh devices by process")
+  return slice(start, stop)
+
+
 def shard_batch(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
   """Places a batch dict of ``[B, T]`` / ``[A, B, T]`` arrays on ``mesh`` (``B`` split).
 
-  Single-process: every value is the global batch on this host.
+  Multi-process: every process passes the same global batch, keeps only the
+  rows its devices hold (``process_rows``), and the global arrays are
+  assembled with ``jax.make_array_from_process_local_data``; no data crosses
+  processes.
+
+  Args:
+    batch: host (numpy) or device arrays; None values are dropped.
+    mesh: from ``make_mesh``.
+
+  Returns:
+    Global ``jax.Array``s with ``batch_sharding``.
 
   Raises:
     ValueError: ``B`` is not divisible by ``data * fsdp`` (names the key).
   """
   out = {}
   n = mesh.shape["data"] * mesh.shape["fsdp"]
+  multi_process = not batch_sharding(mesh).is_fully_addressable
   for key, value in batch.items():
     if value is None:
       continue
@@ -293,13 +343,24 @@ def shard_batch(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
     if value.ndim < 2:
       raise ValueError(f"shard_batch: batch[{key!r}] must be [B, T] or [A, B, T], got shape "
                        f"{value.shape}")
+    sharding = batch_sharding(mesh, value.ndim)
     b = value.shape[value.ndim - 2]
     if b % n:
       raise ValueError(
           f"shard_batch: batch[{key!r}] has batch size {b}, not divisible by mesh axes "
           f"('data', 'fsdp') of total size {n}")
-    out[key] = jax.device_put(value, batch_sharding(mesh, value.ndim))
+    if multi_process:
+      rows = (slice(None),) * (value.ndim - 2) + (process_rows(mesh, b),)
+      out[key] = jax.make_array_from_process_local_data(sharding, np.asarray(value[rows]),
+                                                        value.shape)
+    else:
+      out[key] = jax.device_put(value, sharding)
   return out
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+  """``tree``'s arrays replicated on every device of ``mesh`` (readable on every process)."""
+  return jax.tree.map(lambda x: _put(x, NamedSharding(mesh, P())), tree)
 
 
 def shard_shapes(x: jax.Array) -> set[tuple[int, ...]]:

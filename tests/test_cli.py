@@ -96,3 +96,112 @@ def test_user_errors_exit_2_with_one_line(trained, capsys):
   (tmp / "bad.jsonl").write_text('{"text": "a"}\n{oops\n')
   assert main(["train", "--config", str(cfg), f"dataset={tmp / 'bad.jsonl'}"]) == 2
   assert "bad.jsonl:2: not valid JSON" in capsys.readouterr().err
+
+
+# -- scale-out: mesh.* keys, 8 CPU devices in a subprocess, and `jqlora plan` -----------
+
+MESH_WORKER = """
+import contextlib, io, json, sys
+import jax
+from jqlora.cli import main
+assert len(jax.devices()) == 8, jax.devices()
+config = sys.argv[1]
+out = {}
+for name, extra in {"single": [], "mesh": ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]}.items():
+  out[name] = main(["train", "--config", config, f"output_dir={name}", *extra])
+for name, extra in {"count": ["mesh.data=4", "mesh.fsdp=4"], "tensor": ["mesh.tensor=8"],
+                    "rows": ["mesh.data=4", "mesh.fsdp=2", "micro_batch_size=2"]}.items():
+  err = io.StringIO()
+  with contextlib.redirect_stderr(err):
+    out[name] = [main(["train", "--config", config, f"output_dir={name}", *extra]),
+                 err.getvalue()]
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def mesh_runs(tmp_path_factory):
+  """``jqlora train`` on 1 device and on a data=2 x fsdp=2 x tensor=2 mesh of 8 CPU devices."""
+  import os
+  import subprocess
+  import sys
+
+  from training.meshable import write_meshable_model
+
+  tmp = tmp_path_factory.mktemp("mesh")
+  write_meshable_model(tmp / "model")
+  write_reverse_task(tmp / "train.jsonl", 40)
+  cfg = tmp / "run.yaml"
+  cfg.write_text(yaml.safe_dump({
+      "base_model": str(tmp / "model"), "dataset": "train.jsonl", "dtype": "float32",
+      "lora_r": 4, "lora_dropout": 0.1, "sequence_len": 32, "sample_packing": True,
+      "micro_batch_size": 4, "max_steps": 5, "learning_rate": 1e-2, "lr_scheduler": "cosine",
+      "warmup_steps": 1, "seed": 3, "val_set_size": 4, "eval_batch_size": 4}))
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+         "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.run([sys.executable, "-c", MESH_WORKER, str(cfg)], cwd=tmp, env=env,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  return tmp, json.loads(proc.stdout.strip().splitlines()[-1]), proc.stdout
+
+
+def test_train_on_a_2x2x2_mesh_gives_the_losses_of_one_device(mesh_runs):
+  tmp, result, stdout = mesh_runs
+  assert result["single"] == result["mesh"] == 0
+  assert "mesh: data=2 x fsdp=2 x tensor=2 over 8 devices of 1 process(es)" in stdout
+  losses, held_out = {}, {}
+  for name in ("single", "mesh"):
+    rows = [json.loads(l) for l in (tmp / name / "metrics.jsonl").read_text().splitlines()]
+    losses[name] = [r["loss"] for r in rows if "loss" in r]
+    held_out[name] = rows[-1]["eval_loss"]  # evaluated on the mesh too
+  assert len(losses["mesh"]) == 5 and len(set(losses["mesh"])) == 5
+  np.testing.assert_allclose(losses["mesh"], losses["single"], rtol=0, atol=1e-5)
+  np.testing.assert_allclose(held_out["mesh"], held_out["single"], rtol=0, atol=1e-5)
+
+
+def test_mesh_errors_name_the_devices_tensor_and_axis_in_one_line(mesh_runs):
+  _, result, _ = mesh_runs
+  for name, expected in {
+      "count": "mesh.data * mesh.fsdp * mesh.tensor = 4 * 4 * 1 = 16, but there are 8 devices",
+      "tensor": "layers/mlp/down_proj/weight (NF4 absmax) has in/block_size (in = 256, "
+                "block_size = 64) = 4, not divisible by mesh axis 'tensor' of size 8",
+      "rows": "micro_batch_size = 2 must be divisible by mesh.data * mesh.fsdp = 4 * 2 = 8"}.items():
+    rc, err = result[name]
+    line = err.rstrip("\n").splitlines()[-1]  # (after the loading bar, where a model loads)
+    assert rc == 2 and "Traceback" not in err, (name, err)
+    assert line.startswith("jqlora train: error: ") and expected in line, err
+
+
+def test_mesh_keys_nested_or_dotted_and_bad_values(trained, capsys):
+  from jqlora.config import load_config, parse_overrides
+
+  tmp, _, cfg = trained
+  nested = tmp / "nested.yaml"
+  nested.write_text(cfg.read_text() + "mesh:\n  data: 2\n  tensor: 4\nmesh.fsdp: 3\n")
+  c = load_config(nested, parse_overrides(["mesh.tensor=2"]))
+  assert (c.mesh.data, c.mesh.fsdp, c.mesh.tensor, c.mesh.size) == (2, 3, 2, 12)
+  assert load_config(cfg).mesh.size == 1
+  for override, expected in {"mesh.data=0": "mesh.data must be >= 1, got 0",
+                             "mesh.tensr=2": "unknown config key 'mesh.tensr'; did you mean "
+                                             "'mesh.tensor'",
+                             "mesh.fsdp=two": "mesh.fsdp must be int, got 'two'"}.items():
+    assert main(["train", "--config", str(cfg), override]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and err.count("\n") == 1, err
+  (tmp / "flat.yaml").write_text(cfg.read_text() + "mesh: 8\n")
+  assert main(["train", "--config", str(tmp / "flat.yaml")]) == 2
+  assert "mesh must be a mapping with keys data, fsdp, tensor, got 8" in capsys.readouterr().err
+
+
+def test_plan_command_exits_0_when_it_fits_and_1_when_not(capsys):
+  assert main(["plan", "--model", "llama-65b", "--memory-per-device", "48GiB", "--lora-r",
+               "64"]) == 0
+  out = capsys.readouterr().out
+  assert "NF4 weights (codes)" in out and "fits" in out and "NOT" not in out
+  assert main(["plan", "--model", "llama-7b", "--devices", "8", "--tensor", "2",
+               "--memory-per-device", "512MiB", "--json"]) == 1
+  p = json.loads(capsys.readouterr().out)
+  assert p["mesh"] == {"data": 1, "fsdp": 4, "tensor": 2} and p["fits"] is False
+  with pytest.raises(SystemExit) as e:
+    main(["plan", "--model", "llama-7b", "--memory-per-device", "lots"])
+  assert e.value.code == 2 and "memory size 'lots'" in capsys.readouterr().err

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
 import jqlora
-from jqlora.plan import PRESETS, format_plan, main, parse_size, plan
+from jqlora.plan import PRESETS, format_plan, main, measure, parse_size, plan
 
 MB = 10**6
 GiB = 2**30
@@ -99,27 +98,6 @@ def _model(cfg: dict, r: int):
   return model
 
 
-def _measured_peak(model, batch: int, seq: int) -> int:
-  """Peak bytes of one compiled ``jqlora.train_step`` (arguments + temporaries + new outputs)."""
-  from jqlora.training import make_schedule, make_tx
-
-  optimizer = jqlora.make_optimizer(model, make_tx(make_schedule("constant", 1e-3, 10)))
-  graphdef, state = nnx.split(model)
-  opt_graphdef, opt_state = nnx.split(optimizer)
-
-  def step(state, opt_state, batch):
-    m, o = nnx.merge(graphdef, state), nnx.merge(opt_graphdef, opt_state)
-    metrics = jqlora.train_step(m, o, batch)
-    return nnx.state(m), nnx.state(o), metrics
-
-  ids = jnp.zeros((batch, seq), jnp.int32)
-  compiled = jax.jit(step, donate_argnums=(0, 1)).lower(
-      state, opt_state, {"input_ids": ids, "labels": ids}).compile()
-  m = compiled.memory_analysis()
-  return (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
-          + m.temp_size_in_bytes)
-
-
 @pytest.mark.parametrize("size", [
     # shapes, batch and seq unlike the grid that fixed the activation coefficients
     dict(vocab_size=1536, hidden_size=384, intermediate_size=1024, num_hidden_layers=6,
@@ -134,7 +112,7 @@ def test_plan_is_within_10_percent_of_the_measured_peak(size):
   model = _model(cfg, r=8)
   for checkpointing in (False, True):
     model.remat = checkpointing
-    measured = _measured_peak(model, batch, seq)
+    measured = measure(model, batch=batch, seq=seq)
     p = plan(cfg, batch=batch, seq=seq, lora_r=8, checkpointing=checkpointing,
              dtype="float32")
     assert p.total == pytest.approx(measured, rel=0.10), (checkpointing, format_plan(p), measured)

@@ -3,6 +3,12 @@
 Frozen base weights are never written: a checkpoint holds only what training
 changes. Orbax writes each step into a temporary folder and renames it when
 complete, so a process killed during a save leaves the previous step usable.
+
+Any mesh restores any checkpoint: arrays are stored whole (each process writes
+its shards), and ``restore`` reads them into the shardings the target model
+and optimizer have now (``jqlora.sharding.shard_model`` first to restore onto
+a mesh, nothing for one device). Multi-process runs call ``save``/``restore``
+on every process, on a folder all of them see.
 """
 
 from __future__ import annotations
@@ -53,7 +59,10 @@ class Checkpointer:
     self._manager.wait_until_finished()
 
   def restore(self, step: int, model: nnx.Module, optimizer: nnx.Optimizer) -> dict[str, Any]:
-    """Loads step ``step`` into ``model`` and ``optimizer`` in place; returns its ``meta``."""
+    """Loads step ``step`` into ``model`` and ``optimizer`` in place; returns its ``meta``.
+
+    Each array is read straight into the sharding of the one it replaces.
+    """
     template = _trainable_state(model, optimizer)
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
     restored = self._manager.restore(step, args=ocp.args.Composite(

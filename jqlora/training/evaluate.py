@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from flax import nnx
@@ -15,11 +15,17 @@ __all__ = ["eval_loss", "exact_match"]
 
 
 def eval_loss(model: nnx.Module, examples: Sequence[Example], *, batch_size: int,
-              sequence_len: int, pad_id: int = 0) -> tuple[float, float]:
-  """Mean next-token loss over all target tokens of ``examples`` and its perplexity."""
+              sequence_len: int, pad_id: int = 0,
+              place: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+              ) -> tuple[float, float]:
+  """Mean next-token loss over all target tokens of ``examples`` and its perplexity.
+
+  ``place`` puts each host batch on devices (e.g. ``jqlora.sharding.shard_batch``
+  on the model's mesh); by default the batches go to the default device.
+  """
   total, count = 0.0, 0
   for batch in eval_batches(examples, batch_size, sequence_len, pad_id):
-    t, c = eval_loss_sums(model, batch)
+    t, c = eval_loss_sums(model, place(batch) if place else batch)
     total, count = total + float(t), count + int(c)
   loss = total / max(count, 1)
   return loss, math.exp(min(loss, 50.0))

@@ -1,8 +1,18 @@
-"""``jqlora train``: load, adapt, train with checkpoints and resume, evaluate, save the adapter."""
+"""``jqlora train``: load, adapt, train with checkpoints and resume, evaluate, save the adapter.
+
+Scale-out follows the config: ``distributed.*`` (or the environment) starts
+``jax.distributed`` for multi-process runs, and a ``mesh.*`` other than
+1 x 1 x 1 shards the model, optimizer state and batches over a
+``(data, fsdp, tensor)`` mesh of all devices (``jqlora.sharding``); the step is
+the same ``train_step``. Every process builds the same global batches and
+keeps its own rows; only process 0 prints, writes metrics and the adapter.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import io
 import json
 import math
 import pathlib
@@ -15,7 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jqlora.config import TrainConfig
+from jqlora import sharding
+from jqlora.config import ConfigError, TrainConfig
+from jqlora.training import distributed
 from jqlora.training.checkpoint import Checkpointer
 from jqlora.training.data import BatchIterator, Dataset, load_dataset
 from jqlora.training.evaluate import eval_loss, exact_match
@@ -43,6 +55,7 @@ class _Run:
   schedule: Any
   total_steps: int
   pad_id: int
+  mesh: jax.sharding.Mesh | None
 
 
 def _datasets(config: TrainConfig, tokenizer: Any) -> tuple[Dataset, Dataset | None]:
@@ -58,7 +71,39 @@ def _datasets(config: TrainConfig, tokenizer: Any) -> tuple[Dataset, Dataset | N
   return train_set, None
 
 
-def _setup(config: TrainConfig) -> _Run:
+def _mesh(config: TrainConfig) -> jax.sharding.Mesh | None:
+  """The run's mesh; None for the default 1 x 1 x 1 in one process (unsharded, one device).
+
+  Raises:
+    ConfigError: the mesh does not multiply to the device count, or a batch
+      size is not divisible by ``mesh.data * mesh.fsdp``.
+  """
+  m = config.mesh
+  if m.size == 1 and jax.process_count() == 1:
+    return None
+  try:
+    mesh = sharding.make_mesh(m.data, m.fsdp, m.tensor)
+  except ValueError as e:
+    raise ConfigError(f"{e} (of {jax.process_count()} process(es))") from None
+  rows = m.data * m.fsdp
+  for key in ("micro_batch_size", "eval_batch_size"):
+    if getattr(config, key) % rows:
+      raise ConfigError(f"{key} = {getattr(config, key)} must be divisible by mesh.data * "
+                        f"mesh.fsdp = {m.data} * {m.fsdp} = {rows}, the number of batch shards")
+  return mesh
+
+
+def _shard(model_or_optimizer: Any, mesh: jax.sharding.Mesh | None) -> None:
+  if mesh is None:
+    return
+  try:
+    sharding.partition_specs(model_or_optimizer, mesh)
+  except ValueError as e:  # a dimension not divisible by its mesh axis
+    raise ConfigError(str(e)) from None
+  sharding.shard_model(model_or_optimizer, mesh)
+
+
+def _setup(config: TrainConfig, mesh: jax.sharding.Mesh | None = None) -> _Run:
   import jqlora  # local: keeps `import jqlora.training` light
 
   tokenizer = jqlora.load_tokenizer(config.base_model)
@@ -70,6 +115,7 @@ def _setup(config: TrainConfig) -> _Run:
                            target_modules=config.lora_target_modules, use_rslora=config.use_rslora)
   jqlora.apply_lora(model, lora, rngs=nnx.Rngs(config.seed))
   model.remat = config.gradient_checkpointing
+  _shard(model, mesh)
   batches = BatchIterator(train_set.examples, micro_batch_size=config.micro_batch_size,
                           accumulation=config.gradient_accumulation_steps,
                           sequence_len=config.sequence_len, packing=config.sample_packing,
@@ -78,8 +124,10 @@ def _setup(config: TrainConfig) -> _Run:
   schedule = make_schedule(config.lr_scheduler, config.learning_rate, total, config.warmup_steps)
   tx = make_tx(schedule, weight_decay=config.weight_decay, b1=config.adam_beta1,
                b2=config.adam_beta2, eps=config.adam_epsilon, max_grad_norm=config.max_grad_norm)
-  return _Run(config, model, tokenizer, train_set, eval_set, batches,
-              make_optimizer(model, tx), schedule, total, pad_id)
+  optimizer = make_optimizer(model, tx)
+  _shard(optimizer, mesh)
+  return _Run(config, model, tokenizer, train_set, eval_set, batches, optimizer, schedule, total,
+              pad_id, mesh)
 
 
 def _banner(run: _Run, out: TextIO) -> None:
@@ -97,6 +145,10 @@ def _banner(run: _Run, out: TextIO) -> None:
         f"tokens per step: {c.micro_batch_size} x {c.gradient_accumulation_steps} x "
         f"{c.sequence_len} = {c.tokens_per_step:,}{' (packed)' if c.sample_packing else ''}",
         file=out)
+  if run.mesh is not None:
+    mesh = " x ".join(f"{k}={v}" for k, v in run.mesh.shape.items())
+    print(f"  mesh: {mesh} over {run.mesh.size} devices of {jax.process_count()} process(es)",
+          file=out)
   print(f"  steps: {run.total_steps}, lr {c.learning_rate:g} {c.lr_scheduler}, "
         f"warmup {c.warmup_steps}; output: {c.output_dir}", file=out)
   print("  note: the first step includes compilation and takes longer", file=out, flush=True)
@@ -122,8 +174,9 @@ def _accuracy(run: _Run, label: str, out: TextIO) -> float:
 
 def _eval_loss(run: _Run) -> tuple[float, float]:
   run.model.eval()
+  place = None if run.mesh is None else functools.partial(sharding.shard_batch, mesh=run.mesh)
   return eval_loss(run.model, run.eval_set.examples, batch_size=run.config.eval_batch_size,
-                   sequence_len=run.config.sequence_len, pad_id=run.pad_id)
+                   sequence_len=run.config.sequence_len, pad_id=run.pad_id, place=place)
 
 
 def train(config: TrainConfig, *, stop_at_step: int | None = None,
@@ -143,12 +196,18 @@ def train(config: TrainConfig, *, stop_at_step: int | None = None,
 
   Raises:
     TrainingError: a non-finite loss; the last good checkpoint stays in ``output_dir``.
+    ConfigError: a mesh or ``distributed.*`` setting that cannot work here.
   """
   import jqlora
   from tqdm.auto import tqdm
 
-  out = out or sys.stdout
-  run = _setup(config)
+  multi_process = distributed.initialize(config.distributed)
+  if multi_process and config.eval_exact_match:
+    raise ConfigError("eval_exact_match (generation) runs in a single process; turn it off for "
+                      "multi-process training")
+  lead = jax.process_index() == 0
+  out = (out or sys.stdout) if lead else io.StringIO()
+  run = _setup(config, _mesh(config))
   output = pathlib.Path(config.output_dir)
   output.mkdir(parents=True, exist_ok=True)
   ckpt = Checkpointer(output / "checkpoints", config.save_total_limit)
@@ -165,16 +224,18 @@ def train(config: TrainConfig, *, stop_at_step: int | None = None,
   if run.eval_set is not None and config.eval_exact_match and step == 0:
     summary["accuracy_before"] = _accuracy(run, "before training", out)
 
-  metrics_file = (output / "metrics.jsonl").open("a" if step else "w")
+  metrics_file = (output / "metrics.jsonl").open("a" if step else "w") if lead else io.StringIO()
   end = min(run.total_steps, stop_at_step or run.total_steps)
-  bar = tqdm(total=run.total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
+  bar = tqdm(total=run.total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
+             disable=not lead)
   last_saved = latest
   try:
     while step < end:
       run.model.train()
       batch = next(run.batches)
       t = time.perf_counter()
-      metrics = train_step(run.model, run.optimizer, batch)
+      placed = batch if run.mesh is None else sharding.shard_batch(batch, run.mesh)
+      metrics = train_step(run.model, run.optimizer, placed)
       loss = float(metrics["loss"])
       seconds = time.perf_counter() - t
       if not np.isfinite(loss):
@@ -217,7 +278,10 @@ def train(config: TrainConfig, *, stop_at_step: int | None = None,
     summary.update(eval_loss=e_loss, eval_perplexity=ppl)
   metrics_file.close()
   adapter_dir = output / "adapter"
-  jqlora.save_adapter(run.model, adapter_dir)
+  if run.mesh is not None:  # every process takes part; then any process can read the adapters
+    nnx.update(run.model, sharding.replicate(nnx.state(run.model, nnx.LoRAParam), run.mesh))
+  if lead:
+    jqlora.save_adapter(run.model, adapter_dir)
   print(f"adapter (PEFT format) saved to {adapter_dir}", file=out, flush=True)
   summary["adapter_dir"] = str(adapter_dir)
   if run.eval_set is not None and config.eval_exact_match:

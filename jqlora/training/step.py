@@ -18,7 +18,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-__all__ = ["IGNORE_INDEX", "token_loss_sums", "train_step", "eval_loss_sums"]
+__all__ = ["IGNORE_INDEX", "PMAP_AXIS", "token_loss_sums", "train_step", "pmap_train_step",
+           "eval_loss_sums"]
 
 IGNORE_INDEX = -100
 Batch = Mapping[str, jax.Array]
@@ -52,24 +53,49 @@ def _forward_sums(model: nnx.Module, batch: Batch) -> tuple[jax.Array, jax.Array
   return token_loss_sums(logits, batch["labels"], batch.get("segment_ids"))
 
 
-def _with_micro_axis(batch: Batch) -> dict[str, jax.Array]:
+def _with_micro_axis(batch: Batch, lead: int = 0) -> dict[str, jax.Array]:
+  """``batch`` as ``[*lead axes, A, B, T]`` arrays (``A = 1`` inserted for ``[*lead, B, T]``)."""
   batch = {k: jnp.asarray(v) for k, v in batch.items() if v is not None}
   if "input_ids" not in batch or "labels" not in batch:
     raise ValueError(f"a batch needs 'input_ids' and 'labels', got keys {sorted(batch)}")
-  if batch["input_ids"].ndim == 2:
-    batch = {k: v[None] for k, v in batch.items()}
-  if batch["input_ids"].ndim != 3:
-    raise ValueError(f"input_ids must be [B, T] or [A, B, T], got shape {batch['input_ids'].shape}")
+  if batch["input_ids"].ndim == lead + 2:
+    batch = {k: jnp.expand_dims(v, lead) for k, v in batch.items()}
+  if batch["input_ids"].ndim != lead + 3:
+    d = "D, " * lead
+    raise ValueError(f"input_ids must be [{d}B, T] or [{d}A, B, T], got shape "
+                     f"{batch['input_ids'].shape}")
   return batch
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(2, 3, 5))
-def _step(graphdef: nnx.GraphDef, opt_graphdef: nnx.GraphDef, params: Any,
-          rng: Any, rest: Any, opt_state: Any, batch: dict[str, jax.Array]):
-  copy = lambda tree: jax.tree.map(lambda x: x, tree)  # merge reuses its inputs' Variables
+def _copy(tree: Any) -> Any:
+  """New containers around the same leaves (``nnx.merge`` reuses its inputs' Variables)."""
+  return jax.tree.map(lambda x: x, tree)
+
+
+def _is_key(x: Any) -> bool:
+  return isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _grad_sums(graphdef: nnx.GraphDef, params: Any, rng: Any, rest: Any,
+               batch: dict[str, jax.Array], axis_name: str | None):
+  """Summed loss gradients, loss sum and target count over the micro-batches of ``batch``.
+
+  With ``axis_name`` (inside ``jax.pmap``/``shard_map``), dropout keys are
+  folded with the device index (each device draws its own masks) and the three
+  sums are ``psum``-ed over the axis, so every device returns the totals of the
+  global batch.
+
+  Returns:
+    ``(grads, loss_sum, n_targets, new_rng)``; ``grads`` has the structure of ``params``.
+  """
+  if axis_name is not None:
+    index = jax.lax.axis_index(axis_name)
+    fwd_rng = jax.tree.map(lambda x: jax.random.fold_in(x, index) if _is_key(x) else x, rng)
+  else:
+    fwd_rng = rng
 
   def loss_sum(params, rng, micro):
-    model = nnx.merge(graphdef, params, copy(rng), rest)  # dropout advances the rng copy
+    model = nnx.merge(graphdef, params, _copy(rng), rest)  # dropout advances the rng copy
     total, count = _forward_sums(model, micro)
     return total, (count, nnx.state(model, nnx.RngState))
 
@@ -81,15 +107,26 @@ def _step(graphdef: nnx.GraphDef, opt_graphdef: nnx.GraphDef, params: Any,
     return (jax.tree.map(jnp.add, grads, g), total + t, count + c, rng), None
 
   zeros = jax.tree.map(jnp.zeros_like, params)
-  init = (zeros, jnp.float32(0), jnp.int32(0), rng)
+  init = (zeros, jnp.float32(0), jnp.int32(0), fwd_rng)
   (grads, total, count, new_rng), _ = jax.lax.scan(accumulate, init, batch)
+  if axis_name is not None:
+    grads, total, count = jax.lax.psum((grads, total, count), axis_name)
+    # the keys never change (streams advance their counts): keep the unfolded ones
+    new_rng = jax.tree.map(lambda new, old: old if _is_key(old) else new, new_rng, rng)
+  return grads, total, count, new_rng
+
+
+def _update(graphdef: nnx.GraphDef, opt_graphdef: nnx.GraphDef, params: Any, rng: Any,
+            rest: Any, opt_state: Any, batch: dict[str, jax.Array], axis_name: str | None = None):
+  """The whole step: gradients (``_grad_sums``), normalisation, optimizer update, finite guard."""
+  grads, total, count, new_rng = _grad_sums(graphdef, params, rng, rest, batch, axis_name)
   denom = jnp.maximum(count, 1).astype(jnp.float32)
   grads = jax.tree.map(lambda g: g / denom, grads)
   loss = total / denom
   grad_norm = optax.tree.norm(grads)
   # the update mutates copies: params and opt_state stay for the non-finite fallback
-  model = nnx.merge(graphdef, copy(params), new_rng, rest)
-  optimizer = nnx.merge(opt_graphdef, copy(opt_state))
+  model = nnx.merge(graphdef, _copy(params), new_rng, rest)
+  optimizer = nnx.merge(opt_graphdef, _copy(opt_state))
   optimizer.update(model, grads)
   # A non-finite loss or gradient leaves adapters and moments untouched.
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -98,6 +135,24 @@ def _step(graphdef: nnx.GraphDef, opt_graphdef: nnx.GraphDef, params: Any,
   new_opt_state = keep(nnx.state(optimizer), opt_state)
   metrics = {"loss": loss, "grad_norm": grad_norm, "n_tokens": count}
   return new_params, nnx.state(model, nnx.RngState), new_opt_state, metrics
+
+
+_step = jax.jit(_update, static_argnums=(0, 1), donate_argnums=(2, 3, 5))
+PMAP_AXIS = "devices"
+_pmap_step = jax.pmap(functools.partial(_update, axis_name=PMAP_AXIS), axis_name=PMAP_AXIS,
+                      in_axes=(None,) * 6 + (0,), out_axes=None,
+                      static_broadcasted_argnums=(0, 1))
+
+
+def _run(step: Any, model: nnx.Module, optimizer: nnx.Optimizer,
+         batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  graphdef, params, rng, rest = nnx.split(model, optimizer.wrt, nnx.RngState, ...)
+  opt_graphdef, opt_state = nnx.split(optimizer)
+  new_params, new_rng, new_opt_state, metrics = step(
+      graphdef, opt_graphdef, params, rng, rest, opt_state, batch)
+  nnx.update(model, new_params, new_rng)
+  nnx.update(optimizer, new_opt_state)
+  return metrics
 
 
 def train_step(model: nnx.Module, optimizer: nnx.Optimizer, batch: Batch) -> dict[str, jax.Array]:
@@ -109,7 +164,9 @@ def train_step(model: nnx.Module, optimizer: nnx.Optimizer, batch: Batch) -> dic
   respect to ``optimizer.wrt`` (the adapters). A step whose loss or gradient is
   not finite changes nothing (the caller decides to stop). Activation
   checkpointing is the model's business (``model.remat = True`` on jqlora
-  models recomputes each layer in the backward pass).
+  models recomputes each layer in the backward pass). Sharded training: place
+  the model, optimizer and batch with ``jqlora.sharding`` first; the same step
+  then runs partitioned over the mesh.
 
   Args:
     model: the model, in train or eval mode (dropout follows the mode).
@@ -120,14 +177,31 @@ def train_step(model: nnx.Module, optimizer: nnx.Optimizer, batch: Batch) -> dic
   Returns:
     ``{"loss", "grad_norm"}`` float32 scalars (before clipping) and ``n_tokens`` int32.
   """
-  batch = _with_micro_axis(batch)
-  graphdef, params, rng, rest = nnx.split(model, optimizer.wrt, nnx.RngState, ...)
-  opt_graphdef, opt_state = nnx.split(optimizer)
-  new_params, new_rng, new_opt_state, metrics = _step(
-      graphdef, opt_graphdef, params, rng, rest, opt_state, batch)
-  nnx.update(model, new_params, new_rng)
-  nnx.update(optimizer, new_opt_state)
-  return metrics
+  return _run(_step, model, optimizer, _with_micro_axis(batch))
+
+
+def pmap_train_step(model: nnx.Module, optimizer: nnx.Optimizer,
+                    batch: Batch) -> dict[str, jax.Array]:
+  """``train_step`` data-parallel over local devices with ``jax.pmap``, for pmap-style loops.
+
+  Each of the ``D`` devices takes one slice of the batch's leading axis; loss
+  sums, target counts and gradients are ``psum``-ed across the ``"devices"``
+  axis (``PMAP_AXIS``), so the update is exactly ``train_step``'s on the
+  concatenated batch (dropout masks differ: each device folds its index into
+  the key). Adapters and moments come back replicated on the ``D`` devices; the
+  frozen base is broadcast to them by each call unless it already lives there
+  (e.g. ``jax.device_put(nnx.state(model), jax.sharding.NamedSharding(
+  jax.sharding.Mesh(devices, ("d",)), jax.sharding.PartitionSpec()))``).
+  Multi-process: each process passes its local devices' slices, as with any pmap.
+
+  Args:
+    model, optimizer: as for ``train_step``.
+    batch: int32 ``[D, B, T]`` or ``[D, A, B, T]`` arrays, ``D <= jax.local_device_count()``.
+
+  Returns:
+    ``{"loss", "grad_norm", "n_tokens"}`` of the global batch, as ``train_step``.
+  """
+  return _run(_pmap_step, model, optimizer, _with_micro_axis(batch, lead=1))
 
 
 @functools.partial(jax.jit, static_argnums=0)

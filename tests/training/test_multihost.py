@@ -1,0 +1,155 @@
+"""Multi-process training: settings from config or environment, and two processes on localhost.
+
+The two-process test starts both ``jqlora train`` processes itself (2 CPU
+devices each, a ``fsdp=2 x tensor=2`` mesh across them, gloo collectives),
+stops them at a timeout and compares with a single-process run.
+"""
+
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import yaml
+
+from jqlora.cli import main
+from jqlora.config import ConfigError, DistributedConfig
+from jqlora.training.distributed import distributed_args, initialize
+
+TESTS = pathlib.Path(__file__).parents[1]
+
+
+def test_settings_come_from_config_then_jqlora_variables():
+  env = {"JQLORA_COORDINATOR": "10.0.0.1:1234", "JQLORA_NUM_PROCESSES": "4",
+         "JQLORA_PROCESS_ID": "3"}
+  assert distributed_args(DistributedConfig(), env) == {
+      "coordinator_address": "10.0.0.1:1234", "num_processes": 4, "process_id": 3}
+  config = DistributedConfig(coordinator_address="h:1", num_processes=2, process_id=0)
+  assert distributed_args(config, env) == {"coordinator_address": "h:1", "num_processes": 2,
+                                           "process_id": 0}
+  with pytest.raises(ConfigError, match="JQLORA_PROCESS_ID must be an integer, got 'first'"):
+    distributed_args(DistributedConfig(), {**env, "JQLORA_PROCESS_ID": "first"})
+
+
+def test_launchers_go_to_jax_auto_detection_and_one_process_stays_local():
+  assert distributed_args(DistributedConfig(), {}) is None
+  assert distributed_args(DistributedConfig(), {"SLURM_NTASKS": "1"}) is None
+  assert distributed_args(DistributedConfig(num_processes=1), {"SLURM_NTASKS": "8"}) is None
+  for env in ({"SLURM_NTASKS": "8"}, {"OMPI_COMM_WORLD_SIZE": "2"},
+              {"JAX_COORDINATOR_ADDRESS": "h:1"}, {"TPU_WORKER_HOSTNAMES": "a,b"}):
+    assert distributed_args(DistributedConfig(), env) == {}, env
+  assert initialize(DistributedConfig(), {}) is False  # nothing asked: single process
+
+
+def test_distributed_errors_are_one_line_from_the_cli(tmp_path, capsys):
+  (tmp_path / "t.jsonl").write_text('{"text": "a"}\n')
+  (tmp_path / "run.yaml").write_text("dataset: t.jsonl\n")
+  args = ["train", "--config", str(tmp_path / "run.yaml")]
+  assert main([*args, "distributed.process_id=2", "distributed.num_processes=2"]) == 2
+  assert capsys.readouterr().err == ("jqlora train: error: run.yaml: distributed.process_id must "
+                                     "be in [0, num_processes), got 2 of 2\n").replace(
+      "run.yaml", str(tmp_path / "run.yaml"))
+  # JAX already started in this process (as in a notebook): JAX's reason, in one line
+  import jax
+
+  jax.devices()
+  assert main([*args, "distributed.num_processes=2"]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("jqlora train: error: distributed: jax.distributed.initialize() must be "
+                        "called before any JAX calls") and err.count("\n") == 1, err
+  assert "distributed.coordinator_address (or JQLORA_COORDINATOR)" in err
+
+
+WORKER = textwrap.dedent("""
+    import sys
+    from jqlora.cli import main
+    args = sys.argv[1:]
+    # 2 steps, then a second run that resumes from the step-2 checkpoint to step 4
+    sys.exit(main(args + ["max_steps=2"]) or main(args + ["max_steps=4"]))
+""")
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _losses(out_dir: pathlib.Path) -> list[float]:
+  rows = [json.loads(l) for l in (out_dir / "metrics.jsonl").read_text().splitlines()]
+  return [r["loss"] for r in rows if "loss" in r]
+
+
+def _adapter(out_dir: pathlib.Path) -> dict[str, np.ndarray]:
+  from safetensors.numpy import load_file
+
+  return load_file(out_dir / "adapter" / "adapter_model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory):
+  """(tmp, [(returncode, output) per process]) of a 2-process run."""
+  from .meshable import write_meshable_model
+  from .toy import write_reverse_task
+
+  tmp = tmp_path_factory.mktemp("multihost")
+  write_meshable_model(tmp / "model")
+  write_reverse_task(tmp / "train.jsonl", 40)
+  (tmp / "run.yaml").write_text(yaml.safe_dump({
+      "base_model": str(tmp / "model"), "dataset": "train.jsonl", "dtype": "float32",
+      "lora_r": 4, "lora_target_modules": ["q_proj", "v_proj", "down_proj"],
+      "sequence_len": 32, "sample_packing": True, "micro_batch_size": 4,
+      "learning_rate": 1e-2, "lr_scheduler": "constant", "save_steps": 1}))
+  port = _free_port()
+  common = ["--config", str(tmp / "run.yaml"), f"output_dir={tmp / 'multi'}",
+            "mesh.fsdp=2", "mesh.tensor=2"]
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+         "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1"}
+  for var in ("JQLORA_COORDINATOR", "JQLORA_NUM_PROCESSES", "JQLORA_PROCESS_ID"):
+    env.pop(var, None)
+  launches = [  # process 0 configured by keys, process 1 by environment variables
+      ([*common, f"distributed.coordinator_address=127.0.0.1:{port}",
+        "distributed.num_processes=2", "distributed.process_id=0"], env),
+      (common, {**env, "JQLORA_COORDINATOR": f"127.0.0.1:{port}", "JQLORA_NUM_PROCESSES": "2",
+                "JQLORA_PROCESS_ID": "1"}),
+  ]
+  procs = [subprocess.Popen([sys.executable, "-c", WORKER, "train", *args], env=e,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for args, e in launches]
+  results = []
+  try:
+    for p in procs:
+      out, _ = p.communicate(timeout=420)
+      results.append((p.returncode, out))
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  return tmp, results
+
+
+def test_two_processes_train_together_like_one(two_processes):
+  tmp, results = two_processes
+  for rc, out in results:
+    assert rc == 0, out[-4000:]
+  (out0, out1) = (out for _, out in results)
+  assert "mesh: data=1 x fsdp=2 x tensor=2 over 4 devices of 2 process(es)" in out0
+  assert "resumed from" in out0 and "trainable parameters" not in out1  # only process 0 prints
+  assert main(["train", "--config", str(tmp / "run.yaml"), f"output_dir={tmp / 'single'}",
+               "max_steps=4"]) == 0
+  single, multi = _losses(tmp / "single"), _losses(tmp / "multi")
+  assert len(multi) == 4 and len(set(multi)) == 4
+  np.testing.assert_allclose(multi, single, rtol=0, atol=1e-5)
+  # the adapter written after the resumed run (orbax save and restore across the 2 processes)
+  expected = _adapter(tmp / "single")
+  got = _adapter(tmp / "multi")
+  assert sorted(got) == sorted(expected)
+  for key in expected:
+    np.testing.assert_allclose(got[key], expected[key], rtol=0, atol=1e-5)
+  assert sorted(int(p.name) for p in (tmp / "multi" / "checkpoints").iterdir()) == [3, 4]
