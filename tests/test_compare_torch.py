@@ -1,7 +1,8 @@
 """Smoke test of benchmarks/compare_torch.py: the four stacks run and train the same maths.
 
-Runs the script's ``--smoke`` setting (SmolLM2-135M, batch 1 x 32, 5 steps) in a
-subprocess, offline, into a temporary folder. No timing is asserted.
+Runs the script's ``--quick`` setting (SmolLM2-135M, batch 2 x 64, 6 steps) in a
+subprocess, offline, into a temporary folder, as CI's end-to-end check of the
+benchmark. No timing is asserted.
 """
 
 import json
@@ -15,20 +16,20 @@ SCRIPT = pathlib.Path(__file__).parents[1] / "benchmarks" / "compare_torch.py"
 STACKS = ("jqlora-qlora", "jqlora-lora", "peft-bnb", "peft-lora")
 
 
-def test_smoke_run_agrees_with_peft(tmp_path):
+def test_quick_run_agrees_with_peft(tmp_path):
   env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-  proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--out-dir", str(tmp_path)],
+  proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--out-dir", str(tmp_path)],
                         env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-4000:]
 
-  stem = "compare_torch_smoke" + ("_gpu" if "_gpu" in proc.stdout else "")
+  stem = "compare_torch_quick" + ("_gpu" if "_gpu" in proc.stdout else "")
   for ext in ("json", "md", "png"):
     assert (tmp_path / f"{stem}.{ext}").stat().st_size > 0
   report = json.loads((tmp_path / f"{stem}.json").read_text())
   (run,) = report["runs"]
   assert tuple(run["stacks"]) == STACKS
   for name, stack in run["stacks"].items():
-    assert len(stack["losses"]) == 5, name
+    assert len(stack["losses"]) >= 5, name
     assert all(math.isfinite(x) for x in stack["losses"]), name
     assert stack["tokens_per_s"] > 0 and stack["peak_rss_bytes"] > 0, name
     assert stack["trainable_params"] == run["stacks"]["peft-lora"]["trainable_params"], name
