@@ -79,6 +79,7 @@ class TrainConfig:
   load_in_4bit: bool = True
   dtype: Literal["bfloat16", "float32"] = "bfloat16"
   gradient_checkpointing: bool = False
+  loss_chunk_size: int | None = None
   # adapter
   lora_r: int = 8
   lora_alpha: float = 16.0
@@ -130,7 +131,7 @@ class TrainConfig:
     for key in positive:
       if getattr(self, key) < 1:
         raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
-    for key in ("max_steps", "save_steps", "eval_steps"):
+    for key in ("max_steps", "save_steps", "eval_steps", "loss_chunk_size"):
       value = getattr(self, key)
       if value is not None and value < 1:
         raise ConfigError(f"{key} must be >= 1 or null, got {value}")

@@ -56,3 +56,11 @@ def test_missing_dataset_file_and_missing_key(files):
     load_config(cfg)
   with pytest.raises(ConfigError, match="does not exist"):
     load_config(tmp_path / "missing.yaml")
+
+
+def test_loss_chunk_size_must_be_positive_or_null():
+  from jqlora.config import ConfigError, TrainConfig
+  assert TrainConfig(dataset="x.jsonl", loss_chunk_size=512).loss_chunk_size == 512
+  assert TrainConfig(dataset="x.jsonl").loss_chunk_size is None
+  with pytest.raises(ConfigError, match="loss_chunk_size must be >= 1 or null"):
+    TrainConfig(dataset="x.jsonl", loss_chunk_size=0)

@@ -308,6 +308,11 @@ class Llama(nnx.Module):
     config: the ``LlamaConfig``.
     dtype: compute dtype (adapters stay float32).
     remat: recompute each layer in the backward pass (gradient checkpointing).
+    loss_chunk_size: tokens per chunk of the training loss's LM head and
+      cross-entropy (``jqlora.train_step`` never holds the whole ``[B, T, vocab]``
+      logits), or None (the default) for the whole batch at once (see
+      ``loss_chunking``). Chunking caps the logits at ``chunk x vocab`` floats: worth
+      it for large vocabularies and long batches; on a small CPU batch it costs ~10 %.
     rngs: dropout keys for the stacked layers' adapters in training mode.
   """
 
@@ -320,6 +325,7 @@ class Llama(nnx.Module):
     self.lm_head = lm_head
     self.dtype = jnp.dtype(dtype)
     self.remat = False
+    self.loss_chunk_size: int | None = None
     self.rngs = rngs if rngs is not None else nnx.Rngs(dropout=0)
 
   # -- naming ---------------------------------------------------------------
@@ -346,7 +352,8 @@ class Llama(nnx.Module):
                for _, m in nnx.iter_graph(self.layers))
 
   def __call__(self, input_ids: jax.Array, *, positions: jax.Array | None = None,
-               segment_ids: jax.Array | None = None, cache: KVCache | None = None):
+               segment_ids: jax.Array | None = None, cache: KVCache | None = None,
+               return_hidden: bool = False):
     """Runs the model.
 
     Args:
@@ -355,9 +362,13 @@ class Llama(nnx.Module):
         cached tokens when ``cache`` is given).
       segment_ids: int32 ``[B, T]``; tokens attend only within their segment.
       cache: a ``KVCache`` to read and extend (incremental decoding).
+      return_hidden: return the final hidden states (after the final norm, in
+        the compute dtype, ``[B, T, hidden]``) instead of the logits; ``logits``
+        maps them to the logits.
 
     Returns:
-      float32 logits ``[B, T, vocab]``, and the updated cache when ``cache`` is given.
+      float32 logits ``[B, T, vocab]`` (or the hidden states), and the updated
+      cache when ``cache`` is given.
     """
     c = self.config
     b, t = input_ids.shape
@@ -399,14 +410,27 @@ class Llama(nnx.Module):
     x, new_kv = jax.lax.scan(body, x, (state, kvs, keys))
 
     x = self.norm(x)
-    if self.lm_head is None:
-      logits = x @ self.embed_tokens.get_value().astype(x.dtype).T
-    else:
-      logits = self.lm_head(x)
-    logits = logits.astype(jnp.float32)
+    out = x if return_hidden else self.logits(x)
     if cache is None:
-      return logits
-    return logits, KVCache(new_kv[0], new_kv[1], k_seg, start + t)
+      return out
+    return out, KVCache(new_kv[0], new_kv[1], k_seg, start + t)
+
+  def loss_chunking(self) -> int | None:
+    """Tokens per chunk for the training loss: ``loss_chunk_size``, or None (whole batch)
+    when the LM head has an adapter with active dropout (its keys are drawn per call)."""
+    head = self.lm_head
+    if isinstance(head, LoRALinear) and not head.deterministic and head.dropout > 0:
+      return None
+    return self.loss_chunk_size
+
+  def logits(self, hidden: jax.Array) -> jax.Array:
+    """The LM head (tied to the embeddings or not): ``hidden [..., hidden]`` (after the
+    final norm) -> float32 logits ``[..., vocab]``."""
+    if self.lm_head is None:
+      logits = hidden @ self.embed_tokens.get_value().astype(hidden.dtype).T
+    else:
+      logits = self.lm_head(hidden)
+    return logits.astype(jnp.float32)
 
 
 # -- building from a checkpoint ------------------------------------------------

@@ -115,6 +115,7 @@ def _setup(config: TrainConfig, mesh: jax.sharding.Mesh | None = None) -> _Run:
                            target_modules=config.lora_target_modules, use_rslora=config.use_rslora)
   jqlora.apply_lora(model, lora, rngs=nnx.Rngs(config.seed))
   model.remat = config.gradient_checkpointing
+  model.loss_chunk_size = config.loss_chunk_size
   _shard(model, mesh)
   batches = BatchIterator(train_set.examples, micro_batch_size=config.micro_batch_size,
                           accumulation=config.gradient_accumulation_steps,

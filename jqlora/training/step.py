@@ -10,7 +10,7 @@ ignored, and a target is never taken across a packed segment boundary.
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-__all__ = ["IGNORE_INDEX", "PMAP_AXIS", "token_loss_sums", "train_step", "pmap_train_step",
-           "eval_loss_sums"]
+__all__ = ["IGNORE_INDEX", "PMAP_AXIS", "token_loss_sums", "chunked_token_loss_sums",
+           "train_step", "pmap_train_step", "eval_loss_sums"]
 
 IGNORE_INDEX = -100
 Batch = Mapping[str, jax.Array]
@@ -38,19 +38,76 @@ def token_loss_sums(logits: jax.Array, labels: jax.Array,
   Returns:
     ``(loss_sum, n_targets)``: float32 and int32 scalars.
   """
+  targets, valid = _targets(labels, segment_ids)
+  losses = optax.softmax_cross_entropy_with_integer_labels(
+      logits[:, :-1].astype(jnp.float32), targets)
+  return jnp.sum(jnp.where(valid, losses, 0.0)), jnp.sum(valid, dtype=jnp.int32)
+
+
+def _targets(labels: jax.Array, segment_ids: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+  """Next-token targets ``[B, T - 1]`` (0 where not a target) and the bool target mask."""
   targets = labels[:, 1:]
   valid = targets != IGNORE_INDEX
   if segment_ids is not None:
     valid &= segment_ids[:, 1:] == segment_ids[:, :-1]
-  losses = optax.softmax_cross_entropy_with_integer_labels(
-      logits[:, :-1].astype(jnp.float32), jnp.where(valid, targets, 0))
-  return jnp.sum(jnp.where(valid, losses, 0.0)), jnp.sum(valid, dtype=jnp.int32)
+  return jnp.where(valid, targets, 0), valid
+
+
+def chunked_token_loss_sums(head: Callable[[jax.Array], jax.Array], hidden: jax.Array,
+                            labels: jax.Array, segment_ids: jax.Array | None = None, *,
+                            chunk_size: int) -> tuple[jax.Array, jax.Array]:
+  """``token_loss_sums(head(hidden), ...)`` without the whole ``[B, T, V]`` logits.
+
+  The ``B * T`` tokens are taken ``chunk_size`` at a time (``jax.lax.scan``);
+  each chunk's head and cross-entropy are rematerialised in the backward pass,
+  so at most one chunk's float32 logits (and their gradient) are alive.
+
+  Args:
+    head: maps hidden states ``[N, D]`` to logits ``[N, V]``.
+    hidden: ``[B, T, D]`` final hidden states.
+    labels, segment_ids: as for ``token_loss_sums``.
+    chunk_size: tokens per chunk (positive).
+
+  Returns:
+    ``(loss_sum, n_targets)``: float32 and int32 scalars.
+  """
+  if chunk_size <= 0:
+    raise ValueError(f"loss chunk_size must be positive, got {chunk_size}")
+  targets, valid = _targets(labels, segment_ids)
+  b, t, d = hidden.shape
+  n = b * t
+  size = min(chunk_size, n)
+  chunks = -(-n // size)
+  pad = chunks * size - n
+  # the last position of each row has no target: pad [B, T - 1] to [B, T], then to chunks
+  flat = lambda x: jnp.pad(jnp.pad(x, ((0, 0), (0, 1))).reshape(n), (0, pad))
+  targets, mask = flat(targets).reshape(chunks, size), flat(valid).reshape(chunks, size)
+  hidden = jnp.pad(hidden.reshape(n, d), ((0, pad), (0, 0))).reshape(chunks, size, d)
+
+  @jax.checkpoint
+  def chunk_sum(h, target, ok):
+    losses = optax.softmax_cross_entropy_with_integer_labels(
+        head(h).astype(jnp.float32), target)
+    return jnp.sum(jnp.where(ok, losses, 0.0))
+
+  def body(total, xs):
+    return total + chunk_sum(*xs), None
+
+  total, _ = jax.lax.scan(body, jnp.float32(0), (hidden, targets, mask))
+  return total, jnp.sum(valid, dtype=jnp.int32)
 
 
 def _forward_sums(model: nnx.Module, batch: Batch) -> tuple[jax.Array, jax.Array]:
-  logits = model(batch["input_ids"], positions=batch.get("positions"),
-                 segment_ids=batch.get("segment_ids"))
-  return token_loss_sums(logits, batch["labels"], batch.get("segment_ids"))
+  """Loss sum and target count; chunked when the model says so (jqlora's ``Llama``:
+  ``loss_chunking()``, ``return_hidden`` and ``logits``)."""
+  kwargs = dict(positions=batch.get("positions"), segment_ids=batch.get("segment_ids"))
+  chunk_size = model.loss_chunking() if hasattr(model, "loss_chunking") else None
+  if chunk_size is None:
+    logits = model(batch["input_ids"], **kwargs)
+    return token_loss_sums(logits, batch["labels"], batch.get("segment_ids"))
+  hidden = model(batch["input_ids"], return_hidden=True, **kwargs)
+  return chunked_token_loss_sums(model.logits, hidden, batch["labels"], batch.get("segment_ids"),
+                                 chunk_size=chunk_size)
 
 
 def _with_micro_axis(batch: Batch, lead: int = 0) -> dict[str, jax.Array]:
@@ -164,7 +221,9 @@ def train_step(model: nnx.Module, optimizer: nnx.Optimizer, batch: Batch) -> dic
   respect to ``optimizer.wrt`` (the adapters). A step whose loss or gradient is
   not finite changes nothing (the caller decides to stop). Activation
   checkpointing is the model's business (``model.remat = True`` on jqlora
-  models recomputes each layer in the backward pass). Sharded training: place
+  models recomputes each layer in the backward pass), and so is the loss's
+  chunking (``model.loss_chunk_size`` tokens of LM head and cross-entropy at a
+  time on jqlora models; see ``chunked_token_loss_sums``). Sharded training: place
   the model, optimizer and batch with ``jqlora.sharding`` first; the same step
   then runs partitioned over the mesh.
 

@@ -9,6 +9,7 @@ from flax import nnx
 
 import jqlora
 from jqlora.training import token_loss_sums
+from jqlora.training.step import chunked_token_loss_sums
 from .toy import ToyLM, toy_batch
 
 
@@ -117,3 +118,35 @@ def test_schedules_warm_up_then_follow_their_shape(kind):
   assert float(s(20)) == pytest.approx(end, abs=1e-6)
   if kind != "constant":
     assert 0.0 < float(s(12)) < 1.0
+
+
+@pytest.mark.parametrize("chunk_size", [1, 5, 33, 1024])
+def test_chunked_loss_equals_full_logits_loss_and_gradients(chunk_size):
+  """Chunks that do (33 = B * T) and do not divide the tokens; packed segments; -100 labels."""
+  kh, kw, kl = jax.random.split(jax.random.key(4), 3)
+  hidden = jax.random.normal(kh, (3, 11, 8))
+  weight = jax.random.normal(kw, (8, 40))
+  labels = jnp.where(jax.random.bernoulli(kl, 0.7, (3, 11)),
+                     jax.random.randint(kl, (3, 11), 0, 40), -100)
+  segments = jnp.array([[1] * 6 + [2] * 5, [1] * 11, [1] * 3 + [2] * 8])
+
+  def full(hidden, weight):
+    return token_loss_sums(hidden @ weight, labels, segments)
+
+  def chunked(hidden, weight):
+    return chunked_token_loss_sums(lambda h: h @ weight, hidden, labels, segments,
+                                   chunk_size=chunk_size)
+
+  (t1, c1), (t2, c2) = full(hidden, weight), jax.jit(chunked)(hidden, weight)
+  assert int(c1) == int(c2) > 0
+  np.testing.assert_allclose(float(t2), float(t1), rtol=1e-6)
+  g1 = jax.grad(lambda *a: full(*a)[0], argnums=(0, 1))(hidden, weight)
+  g2 = jax.jit(jax.grad(lambda *a: chunked(*a)[0], argnums=(0, 1)))(hidden, weight)
+  for a, b in zip(g1, g2):
+    np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-6)
+
+
+def test_chunked_loss_rejects_a_non_positive_chunk():
+  with pytest.raises(ValueError, match="chunk_size"):
+    chunked_token_loss_sums(lambda h: h, jnp.zeros((1, 2, 3)), jnp.zeros((1, 2), jnp.int32),
+                            chunk_size=0)
