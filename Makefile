@@ -34,6 +34,8 @@ test: $(VENV)/.test
 
 bench: $(VENV)/.test
 	$(BIN)/python benchmarks/bench_nf4.py
+	$(BIN)/python benchmarks/bench_kernels.py
+	$(BIN)/python benchmarks/compare_torch.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
