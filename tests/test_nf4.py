@@ -1,6 +1,7 @@
 """NF4 core: bit-exactness against bitsandbytes, properties, transforms, errors."""
 
 import json
+import zlib
 
 import hypothesis.extra.numpy as hnp
 import jax
@@ -80,7 +81,7 @@ def test_live_bitsandbytes(shape, dtype, block_size, double):
   torch = pytest.importorskip("torch")
   import bitsandbytes.functional as bnbf
 
-  rng = np.random.default_rng(hash((shape, dtype, block_size)) % 2**32)
+  rng = np.random.default_rng(zlib.crc32(repr((shape, dtype, block_size)).encode()))
   x32 = (rng.standard_normal(shape) * rng.uniform(0.01, 5)).astype(np.float32)
   x = x32.astype(DTYPES[dtype])
   xt = torch.from_numpy(x32).to(getattr(torch, dtype))
@@ -90,12 +91,18 @@ def test_live_bitsandbytes(shape, dtype, block_size, double):
   np.testing.assert_array_equal(np.asarray(t.packed).reshape(-1), q.numpy().reshape(-1))
   if double:
     codes, ref = np.asarray(t.absmax).reshape(-1).astype(int), s.absmax.numpy().astype(int)
-    assert np.abs(codes - ref).max() <= 1 and (codes != ref).mean() <= 0.02
+    assert (codes != ref).mean() <= 0.02
     np.testing.assert_allclose(np.asarray(t.absmax2), s.state2.absmax.numpy(), rtol=1e-5)
     np.testing.assert_allclose(float(t.offset), float(s.offset), rtol=1e-6)
     loaded = jqlora.NF4Tensor.from_bnb(q.numpy(), s.absmax.numpy(), shape=shape, dtype=x.dtype,
                                        block_size=block_size, absmax2=s.state2.absmax.numpy(),
                                        offset=s.offset.numpy())
+    # The offset's last bit (torch's summation order) can move a centred scale near zero, where
+    # map entries are ~1e-6 apart, by two codes; the decoded scales still agree to within one
+    # step of the map's widest gap.
+    ours, theirs = (np.asarray(nf4.dequantize_absmax(u)) for u in (t, loaded))
+    bound = 2 * _DYN_HALF_GAP * float(np.max(s.state2.absmax.numpy())) * (1 + 1e-5)
+    assert np.max(np.abs(ours - theirs)) <= bound
   else:
     np.testing.assert_array_equal(np.asarray(t.absmax).reshape(-1), s.absmax.numpy())
     loaded = jqlora.NF4Tensor.from_bnb(q.numpy(), s.absmax.numpy(), shape=shape, dtype=x.dtype,
