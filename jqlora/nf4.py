@@ -343,9 +343,9 @@ def dequantize_absmax(t: NF4Tensor) -> jax.Array:
   if not t.double_quant:
     return absmax.astype(jnp.float32)
   code2 = jnp.asarray(DYNAMIC_MAP_SIGNED)[absmax.astype(jnp.int32)]
-  nested = jnp.repeat(t.absmax2.reshape(-1), NESTED_BLOCK_SIZE,
-                      total_repeat_length=t.absmax2.size * NESTED_BLOCK_SIZE)[:absmax.size]
-  return _unfused(code2 * nested) + t.offset
+  groups = t.absmax2.size
+  nested = jnp.broadcast_to(t.absmax2.reshape(groups, 1), (groups, NESTED_BLOCK_SIZE))
+  return _unfused(code2 * nested.reshape(-1)[:absmax.size]) + t.offset
 
 
 def _unfused(p: jax.Array) -> jax.Array:
@@ -359,19 +359,33 @@ def _unfused(p: jax.Array) -> jax.Array:
   return jnp.where(p == p, p, jnp.nan)
 
 
+def _nf4_values(codes: jax.Array) -> jax.Array:
+  """float32 NF4 values of integer ``codes`` in [0, 16), any shape.
+
+  A four-level select tree on the code's bits rather than a table gather: XLA's
+  CPU backend vectorizes selects but emits a gather as a scalar loop.
+  """
+  bits = [(codes >> i) & 1 for i in range(4)]
+  level = [jnp.where(bits[0] == 1, NF4_CODE[k + 1], NF4_CODE[k]) for k in range(0, 16, 2)]
+  for bit in bits[1:]:
+    level = [jnp.where(bit == 1, hi, lo) for lo, hi in zip(level[::2], level[1::2])]
+  return level[0]
+
+
 def _dequantize_xla(t: NF4Tensor, dtype) -> jax.Array:
-  n = t.size
+  n, n_blocks, bs = t.size, t.n_blocks, t.block_size
   packed = t.packed.reshape(-1)
-  pairs = jnp.asarray(NF4_CODE)[jnp.stack([packed >> 4, packed & 0xF], axis=-1)]
-  values = pairs.reshape(-1)
-  n_blocks, bs = t.n_blocks, t.block_size
-  if values.size != n_blocks * bs:
-    values = jnp.pad(values[:n], (0, n_blocks * bs - n))
-  out = values.reshape(n_blocks, bs) * dequantize_absmax(t)[:, None]
-  out = out.reshape(-1)
+  if packed.size * 2 != n_blocks * bs:  # partial last block: pad with the code of 0.0
+    pad = n_blocks * bs // 2 - packed.size
+    packed = jnp.pad(packed, (0, pad), constant_values=_PAD_CODE * 0x11)
+  packed = packed.reshape(n_blocks, bs // 2)
+  # Decode the scales once, not once per element (XLA would otherwise fuse them in).
+  scales = jax.lax.optimization_barrier(dequantize_absmax(t))[:, None]
+  halves = [(_nf4_values(nibble) * scales).astype(dtype) for nibble in (packed >> 4, packed & 0xF)]
+  out = jnp.stack(halves, axis=-1).reshape(-1)
   if out.size != n:
     out = out[:n]
-  return out.astype(dtype).reshape(t.shape)
+  return out.reshape(t.shape)
 
 
 def dequantize_nf4(t: NF4Tensor, dtype=None, *, backend: str | None = None) -> jax.Array:
