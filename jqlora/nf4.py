@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jqlora import torch_numerics
+
 __all__ = [
     "NF4_CODE",
     "DYNAMIC_MAP_SIGNED",
@@ -48,27 +50,11 @@ _PAD_CODE = 7  # the code of 0.0, used by bitsandbytes to pad odd element counts
 NESTED_BLOCK_SIZE = 256
 
 
-def _torch_linspace_f32(start: float, end: float, steps: int) -> np.ndarray:
-  """``torch.linspace(start, end, steps, dtype=torch.float32)`` on the CPU, bit for bit.
-
-  torch fills the first half as ``start + step * i`` and the second half as
-  ``end - step * (steps - 1 - i)``, each a fused multiply-add (one rounding):
-  the float64 product of two float32 values is exact, so one float32 rounding
-  of the float64 sum reproduces it.
-  """
-  start32, end32 = np.float32(start), np.float32(end)
-  step = np.float64((end32 - start32) / np.float32(steps - 1))
-  idx = np.arange(steps, dtype=np.float64)
-  out = np.where(idx < steps // 2, np.float64(start32) + step * idx,
-                 np.float64(end32) - step * (steps - 1 - idx))
-  return out.astype(np.float32)
-
-
 def _signed_dynamic_map() -> np.ndarray:
   """bitsandbytes' ``create_dynamic_map(signed=True)``: 256 float32 values."""
   values: list[float] = []
   for i in range(7):
-    bounds = _torch_linspace_f32(0.1, 1.0, 2**i + 1)
+    bounds = torch_numerics.linspace_f32(0.1, 1.0, 2**i + 1)
     means = (bounds[:-1] + bounds[1:]) / np.float32(2)
     scale = np.float32(10.0 ** (i - 6))
     values += (scale * means).astype(np.float32).tolist()
@@ -263,20 +249,6 @@ def _check_finite(x: Any) -> None:
         f"first is at index {tuple(int(i) for i in first)}")
 
 
-def _nearest_dynamic_codes(v: jax.Array) -> jax.Array:
-  """Nearest entry of ``DYNAMIC_MAP_SIGNED`` as bitsandbytes' CPU path finds it.
-
-  Binary search for the left neighbour with ``code[0]`` counted as -1, then a
-  step right only if that neighbour is strictly closer.
-  """
-  table = jnp.asarray(DYNAMIC_MAP_SIGNED)
-  search = table.at[0].set(-1.0)
-  left = jnp.clip(jnp.sum(v[..., None] >= search, axis=-1) - 1, 0, 255)
-  right = jnp.minimum(left + 1, 255)
-  closer = jnp.abs(table[right] - v) < jnp.abs(v - table[left])
-  return jnp.where(closer, right, left).astype(jnp.uint8)
-
-
 def quantize_nf4(x: jax.Array, block_size: int = 64, double_quant: bool = True) -> NF4Tensor:
   """Quantizes an array to NF4, exactly as ``bitsandbytes.functional.quantize_4bit``.
 
@@ -317,14 +289,15 @@ def quantize_nf4(x: jax.Array, block_size: int = 64, double_quant: bool = True) 
 
   absmax2 = offset = None
   if double_quant:
-    offset = jnp.mean(absmax)
+    offset = torch_numerics.mean_f32(absmax)
     centred = absmax - offset
     n_groups = -(-n_blocks // NESTED_BLOCK_SIZE)
     groups = jnp.pad(centred, (0, n_groups * NESTED_BLOCK_SIZE - n_blocks))
     groups = groups.reshape(n_groups, NESTED_BLOCK_SIZE)
     absmax2 = jnp.max(jnp.abs(groups), axis=1)
-    normed = groups / jnp.where(absmax2 > 0, absmax2, 1.0)[:, None]
-    codes2 = jnp.where(absmax2[:, None] > 0, _nearest_dynamic_codes(normed), 0)
+    codes2 = torch_numerics.dynamic_codes(groups, jnp.where(absmax2 > 0, absmax2, 1.0),
+                                          DYNAMIC_MAP_SIGNED)
+    codes2 = jnp.where(absmax2[:, None] > 0, codes2, 0)  # 0/0 in bitsandbytes: it stores 0
     absmax = codes2.reshape(-1)[:n_blocks].astype(jnp.uint8)
 
   packed_shape, absmax_shape = _storage_shapes(shape, block_size)
