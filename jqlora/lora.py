@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 
 __all__ = ["LoraConfig", "INITS", "scaling", "resolve", "matches_target", "init_adapter",
-           "lora_delta", "pissa_split"]
+           "apply_dropout", "lora_delta", "pissa_split", "weight_norm", "dora_factor", "dora_delta",
+           "delta_weight", "merged_weight"]
 
 INITS = ("kaiming", "gaussian", "pissa")
 
@@ -39,7 +40,12 @@ class LoraConfig:
     init: ``"kaiming"`` (A Kaiming-uniform with a = sqrt(5), B zero),
       ``"gaussian"`` (A normal with std 1/r, B zero) or ``"pissa"`` (principal
       singular vectors; moves them out of a float base).
-    use_dora: weight-decomposed LoRA (not implemented yet).
+    use_dora: weight-decomposed LoRA (DoRA, PEFT's ``use_dora``): each adapted
+      linear also trains a float32 magnitude ``m [out]``, initialised to the row
+      norms of ``w + scaling * (a @ b).T``, and computes
+      ``(m / n) * (x @ w.T + scaling * x @ a @ b) + bias`` where ``n`` is that row
+      norm at the current adapter, treated as a constant (no gradient). Linear
+      layers only (float and NF4 bases).
     rank_pattern: module-name regex -> rank, PEFT's ``rank_pattern``.
     alpha_pattern: module-name regex -> alpha, PEFT's ``alpha_pattern``.
     exclude_modules: names (suffix match) or a regex of modules never adapted.
@@ -65,9 +71,6 @@ class LoraConfig:
       raise ValueError(f"LoraConfig: dropout must be in [0, 1), got {self.dropout!r}")
     if self.init not in INITS:
       raise ValueError(f"LoraConfig: init must be one of {INITS}, got {self.init!r}")
-    if self.use_dora:
-      raise NotImplementedError(
-          "LoraConfig: use_dora=True (DoRA) is not implemented in jqlora yet; use plain LoRA")
     targets = self.target_modules
     if isinstance(targets, str):
       if targets != "all-linear":
@@ -201,6 +204,21 @@ def pissa_split(w: jax.Array, r: int, scale: float) -> tuple[jax.Array, jax.Arra
   return a, b, residual
 
 
+def apply_dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
+  """Inverted dropout on ``x`` with drop probability ``rate``; ``x`` as is when ``rng`` is None."""
+  if rng is None or rate <= 0.0:
+    return x
+  keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
+
+
+def _low_rank(h: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
+  """``h @ a @ b`` in ``a.dtype``; ``h [..., in]`` -> ``[..., out]``."""
+  # Rank-2 matmuls: XLA's CPU dot is markedly faster than on [batch, seq, in] operands.
+  y = (h.reshape(-1, h.shape[-1]).astype(a.dtype) @ a) @ b
+  return y.reshape(*h.shape[:-1], b.shape[-1])
+
+
 def lora_delta(x: jax.Array, a: jax.Array, b: jax.Array, scale: jax.Array | float, *,
                dropout: float = 0.0, rng: jax.Array | None = None) -> jax.Array:
   """``scale * dropout(x) @ a @ b`` computed in the adapter's dtype, cast to ``x.dtype``.
@@ -215,10 +233,78 @@ def lora_delta(x: jax.Array, a: jax.Array, b: jax.Array, scale: jax.Array | floa
   Returns:
     ``[..., out]`` in ``x.dtype``.
   """
-  h = x.astype(a.dtype)
-  if rng is not None and dropout > 0.0:
-    keep = jax.random.bernoulli(rng, 1.0 - dropout, h.shape)
-    h = jnp.where(keep, h / (1.0 - dropout), 0.0)
-  # Rank-2 matmuls: XLA's CPU dot is markedly faster than on [batch, seq, in] operands.
-  y = (h.reshape(-1, h.shape[-1]) @ a) @ b
-  return (scale * y.reshape(*x.shape[:-1], b.shape[-1])).astype(x.dtype)
+  h = apply_dropout(x.astype(a.dtype), dropout, rng)
+  return (scale * _low_rank(h, a, b)).astype(x.dtype)
+
+
+def delta_weight(a: jax.Array, b: jax.Array, scale: jax.Array | float) -> jax.Array:
+  """float32 ``scale * (a @ b).T`` ``[..., out, in]`` (PEFT's ``get_delta_weight``).
+
+  Args:
+    a: ``[..., in, r]``; b: ``[..., r, out]``; scale: ``[...]`` or a scalar.
+  """
+  delta = jnp.swapaxes(a.astype(jnp.float32) @ b.astype(jnp.float32), -1, -2)
+  return jnp.asarray(scale, jnp.float32)[..., None, None] * delta
+
+
+def weight_norm(w: jax.Array, a: jax.Array, b: jax.Array, scale: jax.Array | float) -> jax.Array:
+  """DoRA's per-output-row norm of the adapted weight, as a constant (no gradient).
+
+  Args:
+    w: dense base weight ``[..., out, in]``.
+    a: ``[..., in, r]``; b: ``[..., r, out]``.
+    scale: scaling, shape ``[...]`` (or a scalar).
+
+  Returns:
+    float32 ``[..., out]``: ``||w + scale * (a @ b).T||`` over ``in``, computed
+    from ``stop_gradient`` inputs (so the backward pass keeps nothing of it).
+  """
+  w, a, b, scale = jax.lax.stop_gradient((w, a, b, scale))
+  return jnp.linalg.norm(w.astype(jnp.float32) + delta_weight(a, b, scale), axis=-1)
+
+
+def dora_factor(magnitude: jax.Array, norm: jax.Array, scale: jax.Array | float) -> jax.Array:
+  """DoRA's output-row factor ``magnitude / norm``, float32 ``[..., out]``.
+
+  Layers without an adapter (``scale == 0``, e.g. untargeted layers of a stack)
+  get 1, and their magnitude no gradient.
+  """
+  active = jnp.asarray(scale)[..., None] != 0
+  return jnp.where(active, magnitude.astype(jnp.float32) / jnp.where(active, norm, 1.0), 1.0)
+
+
+def dora_delta(h: jax.Array, base: jax.Array, a: jax.Array, b: jax.Array,
+               scale: jax.Array | float, factor: jax.Array) -> jax.Array:
+  """DoRA's addition to the base output (PEFT's ``DoraLinearLayer.forward``).
+
+  Args:
+    h: adapter input ``[..., in]`` (after dropout).
+    base: ``h @ w.T`` without bias, ``[..., out]``.
+    a: ``[in, r]``; b: ``[r, out]``.
+    scale: scalar scaling.
+    factor: ``dora_factor`` ``[out]``.
+
+  Returns:
+    float32 ``[..., out]``: ``(factor - 1) * base + factor * scale * h @ a @ b``.
+  """
+  lora = _low_rank(h, a, b).astype(jnp.float32)
+  return (factor - 1.0) * base.astype(jnp.float32) + factor * (scale * lora)
+
+
+def merged_weight(w: jax.Array, a: jax.Array, b: jax.Array, scale: jax.Array | float,
+                  magnitude: jax.Array | None = None) -> jax.Array:
+  """float32 base weight with the adapter folded in (as PEFT merges).
+
+  Args:
+    w: dense base weight ``[..., out, in]``.
+    a: ``[..., in, r]``; b: ``[..., r, out]``; scale: ``[...]`` or a scalar.
+    magnitude: DoRA magnitude ``[..., out]``, or None for plain LoRA.
+
+  Returns:
+    ``w + scale * (a @ b).T``, times ``dora_factor`` per output row with DoRA.
+  """
+  merged = w.astype(jnp.float32) + delta_weight(a, b, scale)
+  if magnitude is None:
+    return merged
+  factor = dora_factor(magnitude, weight_norm(w, a, b, scale), scale)
+  return factor[..., None] * merged

@@ -6,8 +6,9 @@ State is partitioned by Variable type, so a filter decides what trains:
   optimizer state);
 - ``Frozen``: every other frozen base array (embeddings, norms, float linear
   weights, biases);
-- ``nnx.LoRAParam``: the adapters, the only trainable state;
-- ``LoRAScale``: the adapters' fixed scaling (per stacked layer).
+- ``nnx.LoRAParam``: the adapters (and DoRA magnitudes), the only trainable state;
+- ``LoRAScale``: the adapters' fixed scaling (per stacked layer);
+- ``DoRANorm``: DoRA's weight norms saved by ``merge_lora`` for ``unmerge_lora``.
 
 Base linear weights keep the torch layout ``[out, in]`` (NF4 storage layout).
 Leading axes (``batch_shape``) stack layers for a scan; a stacked module is
@@ -26,8 +27,8 @@ from jqlora import lora as lora_lib
 from jqlora import ops
 from jqlora.nf4 import NF4Tensor, dequantize_nf4
 
-__all__ = ["NF4Weight", "Frozen", "LoRAScale", "Linear", "LoRALinear", "QLoRALinear",
-           "base_matmul", "dense_weight", "batch_shape"]
+__all__ = ["NF4Weight", "Frozen", "LoRAScale", "DoRANorm", "Linear", "LoRALinear", "QLoRALinear",
+           "base_matmul", "dense_weight", "batch_shape", "dora_norm"]
 
 
 class NF4Weight(nnx.Variable):
@@ -40,6 +41,10 @@ class Frozen(nnx.Variable):
 
 class LoRAScale(nnx.Variable):
   """The fixed LoRA scaling, shape ``batch_shape`` (one value per stacked layer)."""
+
+
+class DoRANorm(nnx.Variable):
+  """float32 DoRA weight norms ``[*batch, out]`` of a merged layer, kept for unmerging."""
 
 
 def _nf4_matmul(x: jax.Array, w: NF4Tensor) -> jax.Array:
@@ -63,6 +68,29 @@ def dense_weight(w: NF4Tensor | jax.Array, dtype=None) -> jax.Array:
   for _ in batch_shape(w):
     fn = jax.vmap(fn)
   return fn(w)
+
+
+def dora_norm(w: NF4Tensor | jax.Array, a: jax.Array, b: jax.Array,
+              scale: jax.Array) -> jax.Array:
+  """DoRA's weight norm (``jqlora.lora.weight_norm``) of a float or NF4 base.
+
+  Stacked layers are done one at a time (``lax.map``), so at most one layer's
+  weight is ever dense; XLA fuses an NF4 decode into the norm's reduction.
+
+  Args:
+    w: base weight ``[*batch, out, in]`` or its NF4 storage.
+    a: ``[*batch, in, r]``; b: ``[*batch, r, out]``; scale: ``[*batch]``.
+
+  Returns:
+    float32 ``[*batch, out]``, without gradient.
+  """
+  batch = batch_shape(w)
+  if not batch:
+    return lora_lib.weight_norm(dense_weight(w), a, b, scale)
+  flat = lambda x: x.reshape(-1, *x.shape[len(batch):])
+  one = lambda args: lora_lib.weight_norm(dense_weight(args[0]), *args[1:])
+  norms = jax.lax.map(one, jax.tree.map(flat, (w, a, b, scale)))
+  return norms.reshape(*batch, norms.shape[-1])
 
 
 def batch_shape(w: NF4Tensor | jax.Array) -> tuple[int, ...]:
@@ -117,6 +145,13 @@ class Linear(nnx.Module):
 class LoRALinear(Linear):
   """A frozen base linear plus a LoRA adapter: ``base(x) + scale * dropout(x) @ a @ b``.
 
+  With ``use_dora`` (DoRA, PEFT's semantics) a trainable magnitude ``m [*batch, out]``
+  rescales each output row: with ``f = m / n``, ``n`` the row norm of
+  ``w + scale * (a @ b).T`` (no gradient), the output is
+  ``base(x) + (f - 1) * (h @ w.T) + f * scale * h @ a @ b`` with ``h = dropout(x)``
+  (the base matmul is redone on ``h`` only when dropout is active; otherwise it is
+  ``base(x)`` minus the bias).
+
   Args:
     weight: base weight, as for ``Linear`` (float for ``LoRALinear``).
     bias: optional base bias.
@@ -125,6 +160,7 @@ class LoRALinear(Linear):
     use_rslora: rank-stabilized scaling.
     dropout: dropout rate on the adapter's input, active only in training mode.
     init: ``"kaiming"`` or ``"gaussian"`` (see ``jqlora.lora.init_adapter``).
+    use_dora: add a DoRA magnitude, initialised by ``reset_magnitude``.
     rngs: initializes the adapter; kept for dropout keys when the module is not
       stacked.
     dtype: adapter dtype (float32 by default whatever the base dtype).
@@ -132,7 +168,7 @@ class LoRALinear(Linear):
 
   def __init__(self, weight: NF4Tensor | jax.Array, bias: jax.Array | None = None, *, r: int = 8,
                alpha: float = 16, use_rslora: bool = False, dropout: float = 0.0,
-               init: str = "kaiming", rngs: nnx.Rngs, dtype=jnp.float32):
+               init: str = "kaiming", use_dora: bool = False, rngs: nnx.Rngs, dtype=jnp.float32):
     super().__init__(weight, bias)
     a, b = lora_lib.init_adapter(rngs.params(), self.in_features, self.out_features, r,
                                  init=init, batch_shape=self.batch_shape, dtype=dtype)
@@ -146,6 +182,21 @@ class LoRALinear(Linear):
     self.deterministic = True
     self.merged = False
     self.rngs = rngs if not self.batch_shape and dropout > 0 else None
+    self.lora_magnitude = (nnx.LoRAParam(jnp.zeros((*self.batch_shape, self.out_features), dtype))
+                           if use_dora else None)
+    self.dora_norm = nnx.data(None)
+    if use_dora:
+      self.reset_magnitude()
+
+  @property
+  def use_dora(self) -> bool:
+    return self.lora_magnitude is not None
+
+  def reset_magnitude(self) -> None:
+    """DoRA's init: the magnitude becomes the row norms of ``w + scale * (a @ b).T``."""
+    m = self.lora_magnitude
+    m.set_value(dora_norm(self.weight.get_value(), self.lora_a.get_value(),
+                          self.lora_b.get_value(), self.scale.get_value()).astype(m.get_value().dtype))
 
   @property
   def rank(self) -> int:
@@ -165,8 +216,18 @@ class LoRALinear(Linear):
                            "build the module with rngs)")
         rng = self.rngs.dropout()
       drop_rng = rng
-    return y + lora_lib.lora_delta(x, self.lora_a.get_value(), self.lora_b.get_value(),
-                                   self.scale.get_value(), dropout=self.dropout, rng=drop_rng)
+    a, b, scale = self.lora_a.get_value(), self.lora_b.get_value(), self.scale.get_value()
+    if not self.use_dora:
+      return y + lora_lib.lora_delta(x, a, b, scale, dropout=self.dropout, rng=drop_rng)
+    h = lora_lib.apply_dropout(x.astype(a.dtype), self.dropout, drop_rng)
+    w = self.weight.get_value()
+    if drop_rng is not None:
+      base = base_matmul(h, w)  # as PEFT: the base matmul again, on the dropped-out input
+    else:
+      base = y if self.bias is None else y - self.bias.get_value().astype(y.dtype)
+    factor = lora_lib.dora_factor(self.lora_magnitude.get_value(), dora_norm(w, a, b, scale), scale)
+    delta = lora_lib.dora_delta(h, base, a, b, scale, factor)
+    return (y.astype(jnp.float32) + delta).astype(y.dtype)
 
 
 class QLoRALinear(LoRALinear):

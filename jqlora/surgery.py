@@ -11,7 +11,8 @@ import numpy as np
 from flax import nnx
 
 from jqlora import lora as lora_lib
-from jqlora.nn import Frozen, Linear, LoRALinear, NF4Weight, QLoRALinear, batch_shape, dense_weight
+from jqlora.nn import (DoRANorm, Frozen, Linear, LoRALinear, NF4Weight, QLoRALinear, batch_shape,
+                       dense_weight)
 
 __all__ = ["apply_lora", "merge_lora", "unmerge_lora", "trainable_params", "module_names",
            "lora_modules"]
@@ -59,11 +60,13 @@ def apply_lora(model: nnx.Module, config: lora_lib.LoraConfig, *, rngs: nnx.Rngs
   kernel becomes a frozen base). Stacked layers get adapters with the same leading
   axes; layers of a stack that are not targeted, or have a smaller rank from
   ``rank_pattern``, carry zero adapter entries with scale 0, which stay zero
-  under training.
+  under training (with DoRA their magnitude is ignored and gets no gradient).
+  With ``config.use_dora`` the magnitudes are initialised last, from the final
+  base weight and adapter (after PiSSA), as PEFT does.
 
   Args:
     model: any NNX model; a ``module_names(path)`` method supplies PEFT names.
-    config: which modules, rank, alpha, dropout and init.
+    config: which modules, rank, alpha, dropout, init and DoRA.
     rngs: initializes the adapters (stream ``params``) and, for unstacked
       modules with dropout, supplies dropout keys.
 
@@ -94,7 +97,7 @@ def apply_lora(model: nnx.Module, config: lora_lib.LoraConfig, *, rngs: nnx.Rngs
     init = "kaiming" if config.init == "pissa" else config.init
     new = cls(base.weight.get_value(), None if base.bias is None else base.bias.get_value(),
               r=r_max, dropout=config.dropout, init=init, rngs=rngs, dtype=dtype,
-              use_rslora=config.use_rslora)
+              use_rslora=config.use_rslora, use_dora=config.use_dora)
     scales = np.array([s if hit else 0.0 for (_, s), hit in zip(resolved, hits)], np.float32)
     rank_of = np.array([r if hit else 0 for (r, _), hit in zip(resolved, hits)])
     new.scale.set_value(jnp.asarray(scales.reshape(new.batch_shape)))
@@ -104,6 +107,8 @@ def apply_lora(model: nnx.Module, config: lora_lib.LoraConfig, *, rngs: nnx.Rngs
       new.lora_a.set_value(jnp.where(keep, new.lora_a.get_value(), 0).astype(dtype))
     if config.init == "pissa":
       _pissa(new, names, hits, rank_of, scales)
+    if new.use_dora:
+      new.reset_magnitude()
     _set_child(model, path, new)
     replaced += 1
   if not replaced:
@@ -129,19 +134,22 @@ def _pissa(module: LoRALinear, names, hits, ranks, scales) -> None:
   module.weight.set_value(residual.astype(w.dtype))
 
 
-def _delta(module: LoRALinear) -> jax.Array:
-  """float32 ``scale * (a @ b).T`` ``[*batch, out, in]``."""
-  a = module.lora_a.get_value().astype(jnp.float32)
-  b = module.lora_b.get_value().astype(jnp.float32)
-  scale = module.scale.get_value()[..., None, None]
-  return scale * jnp.swapaxes(a @ b, -1, -2)
+def _adapter(module: LoRALinear) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """``(a, b, scale)`` of ``module``."""
+  return module.lora_a.get_value(), module.lora_b.get_value(), module.scale.get_value()
+
+
+def _magnitude(module: LoRALinear) -> jax.Array | None:
+  return module.lora_magnitude.get_value() if module.use_dora else None
 
 
 def merge_lora(model: nnx.Module, *, copy: bool = False) -> nnx.Module:
   """Folds every adapter into its base weight.
 
   Float bases are merged in place (the adapter is kept so ``unmerge_lora`` can
-  undo it; the forward pass then skips it). An NF4 base is never re-quantized:
+  undo it; the forward pass then skips it). DoRA layers merge as PEFT does:
+  ``w' = (m / n) * (w + scale * (a @ b).T)``, ``n`` the row norms before merging
+  (kept in a ``DoRANorm`` for ``unmerge_lora``). An NF4 base is never re-quantized:
   with ``copy=True`` a float copy of the model is returned in which every NF4
   linear is dequantized (in its original dtype) and adapters are merged and
   removed; without it an NF4 base raises.
@@ -161,7 +169,7 @@ def merge_lora(model: nnx.Module, *, copy: bool = False) -> nnx.Module:
     for path, m in [(tuple(p), m) for p, m in nnx.iter_graph(out) if isinstance(m, Linear)]:
       w = dense_weight(m.weight.get_value())
       if isinstance(m, LoRALinear) and not m.merged:
-        w = (w.astype(jnp.float32) + _delta(m)).astype(w.dtype)
+        w = lora_lib.merged_weight(w, *_adapter(m), _magnitude(m)).astype(w.dtype)
       _set_child(out, path, Linear(w, None if m.bias is None else m.bias.get_value()))
     return out
   modules = lora_modules(model)
@@ -174,7 +182,9 @@ def merge_lora(model: nnx.Module, *, copy: bool = False) -> nnx.Module:
   for _, m in modules:
     if not m.merged:
       w = m.weight.get_value()
-      m.weight.set_value((w.astype(jnp.float32) + _delta(m)).astype(w.dtype))
+      if m.use_dora:
+        m.dora_norm = DoRANorm(lora_lib.weight_norm(w, *_adapter(m)))
+      m.weight.set_value(lora_lib.merged_weight(w, *_adapter(m), _magnitude(m)).astype(w.dtype))
       m.merged = True
   return model
 
@@ -184,7 +194,13 @@ def unmerge_lora(model: nnx.Module) -> nnx.Module:
   for _, m in lora_modules(model):
     if m.merged:
       w = m.weight.get_value()
-      m.weight.set_value((w.astype(jnp.float32) - _delta(m)).astype(w.dtype))
+      a, b, scale = _adapter(m)
+      w32 = w.astype(jnp.float32)
+      if m.use_dora:
+        factor = lora_lib.dora_factor(_magnitude(m), m.dora_norm.get_value(), scale)
+        w32 = w32 / factor[..., None]
+        m.dora_norm = None
+      m.weight.set_value((w32 - lora_lib.delta_weight(a, b, scale)).astype(w.dtype))
       m.merged = False
   return model
 

@@ -29,9 +29,24 @@ def test_config_validation(kwargs, match):
     LoraConfig(**kwargs)
 
 
-def test_dora_is_refused_clearly():
-  with pytest.raises(NotImplementedError, match="DoRA"):
-    LoraConfig(use_dora=True)
+def test_dora_maths():
+  assert LoraConfig(use_dora=True).use_dora
+  keys = jax.random.split(jax.random.key(0), 4)
+  w = jax.random.normal(keys[0], (2, 6, 10))
+  a, b = jax.random.normal(keys[1], (2, 10, 3)), jax.random.normal(keys[2], (2, 3, 6))
+  scale = jnp.array([0.5, 0.0])  # layer 1 of the stack has no adapter
+  norm = lora.weight_norm(w, a, b, scale)
+  adapted = np.asarray(w) + np.asarray(scale)[:, None, None] * np.swapaxes(a @ b, -1, -2)
+  np.testing.assert_allclose(norm, np.linalg.norm(adapted, axis=-1), rtol=1e-6)
+  m = jax.random.uniform(keys[3], (2, 6), minval=0.5, maxval=2.0)
+  merged = lora.merged_weight(w, a, b, scale, m)
+  np.testing.assert_allclose(np.linalg.norm(merged[0], axis=-1), m[0], rtol=1e-5)  # rows get |m|
+  np.testing.assert_allclose(merged[1], w[1], rtol=1e-6)  # no adapter: untouched
+  grad = jax.grad(lambda m: lora.dora_factor(m, norm, scale).sum())(m)
+  np.testing.assert_allclose(grad[0], 1 / norm[0], rtol=1e-6)
+  assert not grad[1].any()  # and its magnitude gets no gradient
+  # the norm is a constant: no gradient flows through it to the adapter
+  assert not jax.grad(lambda a: lora.weight_norm(w, a, b, scale).sum())(a).any()
 
 
 def test_scaling():

@@ -28,16 +28,23 @@ class ToyLM(nnx.Module):
 
 
 def _randomize_b(model):
+  """Non-zero B, and DoRA magnitudes away from their init."""
   for i, (_, m) in enumerate(jqlora.surgery.lora_modules(model)):
     b = m.lora_b.get_value()
     m.lora_b.set_value(jax.random.normal(jax.random.key(i), b.shape, b.dtype) * 0.1)
+    if m.use_dora:
+      mag = m.lora_magnitude.get_value()
+      m.lora_magnitude.set_value(mag * jax.random.uniform(jax.random.key(100 + i), mag.shape,
+                                                           minval=0.5, maxval=1.5))
 
 
-def test_apply_lora_on_any_nnx_model():
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_apply_lora_on_any_nnx_model(use_dora):
   model = ToyLM(nnx.Rngs(0))
   x = jax.random.normal(jax.random.key(1), (4, 16))
   before = model(x)
-  jqlora.apply_lora(model, LoraConfig(r=4), rngs=nnx.Rngs(1))
+  jqlora.apply_lora(model, LoraConfig(r=4, use_dora=use_dora), rngs=nnx.Rngs(1))
+  assert model.mid.use_dora == use_dora
   assert isinstance(model.up, nn.LoRALinear) and isinstance(model.down, nn.LoRALinear)
   assert isinstance(model.mid, nn.QLoRALinear)
   assert type(model.lm_head) is nnx.Linear  # "all-linear" leaves the head alone
@@ -61,8 +68,10 @@ def test_trainable_params_counts_nf4_by_elements(capsys):
   assert f"trainable params: {lora:,d} || all params: {lora + base:,d}" in capsys.readouterr().out
 
 
-def test_merge_and_unmerge_float_bases():
-  model = jqlora.apply_lora(ToyLM(nnx.Rngs(0)), LoraConfig(r=4, target_modules=["up", "down"]),
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_merge_and_unmerge_float_bases(use_dora):
+  model = jqlora.apply_lora(ToyLM(nnx.Rngs(0)),
+                            LoraConfig(r=4, target_modules=["up", "down"], use_dora=use_dora),
                             rngs=nnx.Rngs(1))
   _randomize_b(model)
   x = jax.random.normal(jax.random.key(1), (4, 16))
@@ -72,13 +81,19 @@ def test_merge_and_unmerge_float_bases():
   assert model.up.merged
   assert not np.allclose(model.up.weight.get_value(), w0)
   np.testing.assert_allclose(model(x), expected, atol=1e-5)
+  if use_dora:  # as PEFT: rows of the merged weight have the magnitudes as norms
+    np.testing.assert_allclose(jnp.linalg.norm(model.up.weight.get_value(), axis=1),
+                               model.up.lora_magnitude.get_value(), rtol=1e-5)
   jqlora.unmerge_lora(model)
+  assert model.up.dora_norm is None
   np.testing.assert_allclose(model.up.weight.get_value(), w0, atol=1e-6)
   np.testing.assert_allclose(model(x), expected, atol=1e-5)
 
 
-def test_merge_never_requantizes_nf4():
-  model = jqlora.apply_lora(ToyLM(nnx.Rngs(0)), LoraConfig(r=4), rngs=nnx.Rngs(1))
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_merge_never_requantizes_nf4(use_dora):
+  model = jqlora.apply_lora(ToyLM(nnx.Rngs(0)), LoraConfig(r=4, use_dora=use_dora),
+                            rngs=nnx.Rngs(1))
   _randomize_b(model)
   x = jax.random.normal(jax.random.key(1), (4, 16))
   with pytest.raises(ValueError, match="export_hf_state_dict"):
@@ -89,12 +104,16 @@ def test_merge_never_requantizes_nf4():
   np.testing.assert_allclose(merged(x), model(x), atol=1e-5)
 
 
-def test_pissa_keeps_the_output_and_refuses_nf4():
-  model = jqlora.apply_lora(ToyLM(nnx.Rngs(0)), LoraConfig(r=4, init="pissa", target_modules=["up"]),
-                            rngs=nnx.Rngs(1))
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_pissa_keeps_the_output_and_refuses_nf4(use_dora):
+  config = LoraConfig(r=4, init="pissa", target_modules=["up"], use_dora=use_dora)
+  model = jqlora.apply_lora(ToyLM(nnx.Rngs(0)), config, rngs=nnx.Rngs(1))
   x = jax.random.normal(jax.random.key(1), (4, 16))
   reference = ToyLM(nnx.Rngs(0))
   np.testing.assert_allclose(model(x), reference(x), atol=1e-5)
+  if use_dora:  # the magnitude is initialised after PiSSA: the original weight's row norms
+    np.testing.assert_allclose(model.up.lora_magnitude.get_value(),
+                               jnp.linalg.norm(reference.up.kernel.get_value(), axis=0), rtol=1e-5)
   assert float(jnp.abs(model.up.lora_b.get_value()).max()) > 0
   with pytest.raises(ValueError, match="PiSSA|pissa"):
     jqlora.apply_lora(ToyLM(nnx.Rngs(0)), LoraConfig(r=4, init="pissa", target_modules=["mid"]),

@@ -2,7 +2,8 @@
 
 ``adapter_config.json`` + ``adapter_model.safetensors`` with keys
 ``base_model.model.<module>.lora_A.weight`` ``[r, in]`` and ``….lora_B.weight``
-``[out, r]`` (torch layouts), as ``peft.PeftModel.save_pretrained`` writes them.
+``[out, r]`` (torch layouts), and for DoRA (``"use_dora": true``)
+``….lora_magnitude_vector`` ``[out]``, as ``peft.PeftModel.save_pretrained`` writes them.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ __all__ = ["save_adapter", "load_adapter", "CONFIG_NAME", "WEIGHTS_NAME"]
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 _PREFIX = "base_model.model."
-_UNSUPPORTED = {"use_dora": False, "fan_in_fan_out": False, "modules_to_save": None,
+_MAGNITUDE = "lora_magnitude_vector"
+_UNSUPPORTED = {"fan_in_fan_out": False, "modules_to_save": None,
                 "layers_to_transform": None, "trainable_token_indices": None}
 
 
@@ -41,16 +43,16 @@ def _entries(model: nnx.Module) -> dict[str, tuple[LoRALinear, int]]:
   return out
 
 
-def _flat(x) -> np.ndarray:
-  """A copy of ``x`` with the stacked axes flattened to one leading axis."""
+def _flat(x, ndim: int = 2) -> np.ndarray:
+  """A float32 copy of ``x`` with the stacked axes (all but the last ``ndim``) flattened to one."""
   x = np.array(x, np.float32)
-  return x.reshape(-1, *x.shape[-2:])
+  return x.reshape(-1, *x.shape[x.ndim - ndim:])
 
 
 def save_adapter(model: nnx.Module, directory: str | os.PathLike, *,
                  base_model_name_or_path: str | None = None,
                  task_type: str | None = "CAUSAL_LM") -> None:
-  """Writes the model's adapters as a PEFT LoRA adapter.
+  """Writes the model's adapters as a PEFT LoRA (or DoRA) adapter.
 
   Args:
     model: a model with adapters (``apply_lora``).
@@ -60,19 +62,27 @@ def save_adapter(model: nnx.Module, directory: str | os.PathLike, *,
     task_type: PEFT task type.
 
   Raises:
-    ValueError: the model has no adapters.
+    ValueError: the model has no adapters, or mixes settings PEFT keeps per adapter
+      (rsLoRA, DoRA) across modules.
   """
   entries = _entries(model)
   if not entries:
     raise ValueError("save_adapter: the model has no LoRA adapters (call jqlora.apply_lora first)")
+  use_dora = {m.use_dora for m, _ in entries.values()}
+  if len(use_dora) != 1:
+    raise ValueError("save_adapter: PEFT needs one use_dora setting for every module")
   tensors, ranks, alphas = {}, {}, {}
   flat = {id(m): (_flat(m.lora_a.get_value()), _flat(m.lora_b.get_value()),
-                  np.asarray(m.scale.get_value(), np.float32).reshape(-1)) for m, _ in entries.values()}
+                  np.asarray(m.scale.get_value(), np.float32).reshape(-1),
+                  _flat(m.lora_magnitude.get_value(), 1) if m.use_dora else None)
+          for m, _ in entries.values()}
   for name, (m, i) in entries.items():
-    a, b, scale = flat[id(m)]
+    a, b, scale, magnitude = flat[id(m)]
     r = m.ranks[i]
     tensors[f"{_PREFIX}{name}.lora_A.weight"] = np.ascontiguousarray(a[i, :, :r].T)
     tensors[f"{_PREFIX}{name}.lora_B.weight"] = np.ascontiguousarray(b[i, :r, :].T)
+    if magnitude is not None:
+      tensors[f"{_PREFIX}{name}.{_MAGNITUDE}"] = magnitude[i]
     ranks[name] = r
     alphas[name] = float(scale[i]) * (math.sqrt(r) if m.use_rslora else r)
   use_rslora = {m.use_rslora for m, _ in entries.values()}
@@ -95,7 +105,7 @@ def save_adapter(model: nnx.Module, directory: str | os.PathLike, *,
       "bias": "none",
       "init_lora_weights": True,
       "inference_mode": True,
-      "use_dora": False,
+      "use_dora": use_dora.pop(),
       "fan_in_fan_out": False,
       "modules_to_save": None,
       "layers_to_transform": None,
@@ -152,19 +162,19 @@ def _read_config(path: pathlib.Path) -> lora_lib.LoraConfig:
         r=cfg["r"], alpha=cfg["lora_alpha"], dropout=float(cfg.get("lora_dropout") or 0.0),
         target_modules=cfg["target_modules"], use_rslora=bool(cfg.get("use_rslora", False)),
         rank_pattern=cfg.get("rank_pattern") or {}, alpha_pattern=cfg.get("alpha_pattern") or {},
-        exclude_modules=cfg.get("exclude_modules"))
+        exclude_modules=cfg.get("exclude_modules"), use_dora=bool(cfg.get("use_dora", False)))
   except (ValueError, TypeError) as e:
     raise ValueError(f"load_adapter: {file}: {e}") from None
 
 
 def load_adapter(model: nnx.Module, directory: str | os.PathLike, *,
                  rngs: nnx.Rngs | None = None) -> nnx.Module:
-  """Loads a PEFT LoRA adapter into ``model``.
+  """Loads a PEFT LoRA (or DoRA) adapter into ``model``.
 
   When the model has no adapters yet they are added from ``adapter_config.json``
-  (targets, ranks, alphas, rsLoRA, rank/alpha patterns); otherwise the existing
-  adapters are filled (a smaller stored rank is zero-padded) and their scales set
-  from the file's config.
+  (targets, ranks, alphas, rsLoRA, DoRA, rank/alpha patterns); otherwise the
+  existing adapters are filled (a smaller stored rank is zero-padded) and their
+  scales set from the file's config.
 
   Args:
     model: the base model the adapter was trained on.
@@ -176,8 +186,9 @@ def load_adapter(model: nnx.Module, directory: str | os.PathLike, *,
 
   Raises:
     FileNotFoundError: a missing file.
-    ValueError: malformed files, or an adapter tensor whose module does not exist
-      or whose shape does not fit (the module is named).
+    ValueError: malformed files, an adapter tensor whose module does not exist
+      or whose shape does not fit (the module is named), or a DoRA adapter for a
+      model with plain LoRA adapters (or the reverse).
   """
   path = pathlib.Path(directory)
   config = _read_config(path)
@@ -193,16 +204,18 @@ def load_adapter(model: nnx.Module, directory: str | os.PathLike, *,
   entries = _entries(model)
 
   pairs: dict[str, dict[str, np.ndarray]] = collections.defaultdict(dict)
+  suffixes = {".lora_A.weight": "lora_A", ".lora_B.weight": "lora_B", f".{_MAGNITUDE}": _MAGNITUDE,
+              f".{_MAGNITUDE}.weight": _MAGNITUDE}
   for key, value in tensors.items():
     name = key[len(_PREFIX):] if key.startswith(_PREFIX) else key
     name = name.replace(".default.", ".")
-    for part in ("lora_A", "lora_B"):
-      if name.endswith(f".{part}.weight"):
-        pairs[name[:-len(f".{part}.weight")]][part] = value
+    for suffix, part in suffixes.items():
+      if name.endswith(suffix):
+        pairs[name[:-len(suffix)]][part] = value
         break
     else:
       raise ValueError(f"load_adapter: {weights_file}: unexpected tensor {key!r} (only LoRA "
-                       "lora_A/lora_B weights are supported)")
+                       f"lora_A/lora_B weights and DoRA's {_MAGNITUDE} are supported)")
   unknown = sorted(set(pairs) - set(entries))
   if unknown:
     raise ValueError(f"load_adapter: the adapter has weights for module {unknown[0]!r}"
@@ -217,8 +230,13 @@ def load_adapter(model: nnx.Module, directory: str | os.PathLike, *,
   updates = {}
   for name, (m, i) in entries.items():
     pair = pairs[name]
-    if set(pair) != {"lora_A", "lora_B"}:
-      raise ValueError(f"load_adapter: module {name!r} lacks lora_A or lora_B in {weights_file}")
+    if m.use_dora != config.use_dora:
+      raise ValueError(f"load_adapter: module {name!r} has a {'DoRA' if m.use_dora else 'LoRA'} "
+                       f"adapter but {path} holds {'DoRA' if config.use_dora else 'plain LoRA'}")
+    expected = {"lora_A", "lora_B", _MAGNITUDE} if m.use_dora else {"lora_A", "lora_B"}
+    if set(pair) != expected:
+      raise ValueError(f"load_adapter: module {name!r} has {sorted(pair)} in {weights_file}, "
+                       f"expected {sorted(expected)}")
     a, b = pair["lora_A"], pair["lora_B"]
     r = a.shape[0]
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != m.in_features or b.shape != (m.out_features, r):
@@ -229,20 +247,31 @@ def load_adapter(model: nnx.Module, directory: str | os.PathLike, *,
     if r > m.rank:
       raise ValueError(f"load_adapter: module {name!r}: adapter rank {r} exceeds the model's "
                        f"LoRA rank {m.rank}")
+    magnitude = pair.get(_MAGNITUDE)
+    if magnitude is not None and magnitude.shape != (m.out_features,):
+      raise ValueError(f"load_adapter: module {name!r}: {_MAGNITUDE} {tuple(magnitude.shape)} does "
+                       f"not fit a [{m.out_features}, {m.in_features}] linear (expected "
+                       f"[{m.out_features}])")
     if id(m) not in updates:
       updates[id(m)] = (m, np.zeros_like(_flat(m.lora_a.get_value())),
                         np.zeros_like(_flat(m.lora_b.get_value())),
                         np.asarray(m.scale.get_value(), np.float32).reshape(-1).copy(),
-                        list(m.ranks))
-    _, fa, fb, scale, ranks = updates[id(m)]
+                        list(m.ranks),
+                        _flat(m.lora_magnitude.get_value(), 1) if m.use_dora else None)
+    _, fa, fb, scale, ranks, fm = updates[id(m)]
     fa[i, :, :r] = a.T
     fb[i, :r, :] = b.T
     scale[i] = lora_lib.resolve(config, name)[1]
     ranks[i] = r
-  for m, fa, fb, scale, ranks in updates.values():
+    if magnitude is not None:
+      fm[i] = magnitude
+  for m, fa, fb, scale, ranks, fm in updates.values():
     dtype = m.lora_a.get_value().dtype
     m.lora_a.set_value(jnp.asarray(fa.reshape(m.lora_a.get_value().shape), dtype))
     m.lora_b.set_value(jnp.asarray(fb.reshape(m.lora_b.get_value().shape), dtype))
     m.scale.set_value(jnp.asarray(scale.reshape(m.batch_shape)))
     m.ranks = tuple(ranks)
+    if fm is not None:
+      shape, mdtype = m.lora_magnitude.get_value().shape, m.lora_magnitude.get_value().dtype
+      m.lora_magnitude.set_value(jnp.asarray(fm.reshape(shape), mdtype))
   return model

@@ -41,6 +41,7 @@ def _peft_logits(data_dir, adapter_dir, ids, name="tiny-llama"):
 
 
 def _train(model, ids, steps=3):
+  """A few Adam steps on the adapters; returns the last gradient pytree."""
   optimizer = nnx.Optimizer(model, optax.adam(3e-2), wrt=nnx.LoRAParam)
 
   @nnx.jit
@@ -50,26 +51,37 @@ def _train(model, ids, steps=3):
       return optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:]).mean()
     grads = nnx.grad(loss_fn, argnums=nnx.DiffState(0, nnx.LoRAParam))(m)
     opt.update(m, grads)
+    return grads
 
   for _ in range(steps):
-    step(model, optimizer)
+    grads = step(model, optimizer)
+  return grads
 
 
-def test_adapter_trained_in_jqlora_loads_in_peft(data_dir, tmp_path):
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_adapter_trained_in_jqlora_loads_in_peft(data_dir, tmp_path, use_dora):
   ids = _ids(data_dir)
   model = _model(data_dir)
-  config = LoraConfig(r=4, alpha=8, use_rslora=True,
+  config = LoraConfig(r=4, alpha=8, use_rslora=True, use_dora=use_dora,
                       target_modules=["q_proj", "v_proj", "down_proj", "model.layers.2.mlp.up_proj"],
                       rank_pattern={"model.layers.1.self_attn.q_proj": 2, "down_proj": 6},
                       alpha_pattern={"v_proj": 3})
   jqlora.apply_lora(model, config, rngs=nnx.Rngs(0))
-  _train(model, jnp.asarray(ids, jnp.int32))
+  magnitude0 = np.array(model.layers.self_attn.q_proj.lora_magnitude.get_value()) if use_dora else None
+  grads = _train(model, jnp.asarray(ids, jnp.int32))
+  trained = {"lora_a", "lora_b"} | ({"lora_magnitude"} if use_dora else set())
+  assert {path[-1] for path, _ in nnx.to_flat_state(grads)} == trained  # no base weight
   assert float(jnp.abs(model.layers.self_attn.q_proj.lora_b.get_value()).max()) > 0
   jqlora.save_adapter(model, tmp_path)
   tensors = load_file(str(tmp_path / "adapter_model.safetensors"))
   assert tensors["base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight"].shape == (2, 128)
   assert tensors["base_model.model.model.layers.0.mlp.down_proj.lora_B.weight"].shape == (128, 6)
   assert "base_model.model.model.layers.1.mlp.up_proj.lora_A.weight" not in tensors
+  assert json.loads((tmp_path / "adapter_config.json").read_text())["use_dora"] == use_dora
+  magnitude = tensors.get("base_model.model.model.layers.1.self_attn.q_proj.lora_magnitude_vector")
+  assert (magnitude is not None) == use_dora
+  if use_dora:  # trained away from its init
+    assert magnitude.shape == (128,) and not np.allclose(magnitude, magnitude0[1])
   expected = _peft_logits(data_dir, tmp_path, ids)
   ours = np.asarray(model(jnp.asarray(ids, jnp.int32)))
   np.testing.assert_allclose(ours, expected, atol=1e-4, rtol=0)
@@ -78,22 +90,55 @@ def test_adapter_trained_in_jqlora_loads_in_peft(data_dir, tmp_path):
   np.testing.assert_allclose(again(jnp.asarray(ids, jnp.int32)), ours, atol=1e-5, rtol=0)
 
 
-def test_adapter_made_by_peft_loads_in_jqlora(data_dir, tmp_path):
-  name = "tiny-qwen2"
-  ids = _ids(data_dir, name)
+def _peft_adapter(data_dir, tmp_path, ids, name, use_dora):
+  """Saves a random PEFT adapter (rsLoRA, rank/alpha patterns, non-zero B; DoRA magnitudes
+  scaled away from their init) made on ``name``'s float base; returns PEFT's logits."""
   base = transformers.AutoModelForCausalLM.from_pretrained(
       data_dir / "hf" / name / "base", dtype=torch.float32)
   config = peft.LoraConfig(r=4, lora_alpha=6, use_rslora=True, init_lora_weights=False,
+                           use_dora=use_dora,
                            target_modules=["q_proj", "k_proj", "o_proj", "gate_proj", "down_proj"],
                            rank_pattern={"model.layers.0.self_attn.q_proj": 8, "down_proj": 2},
                            alpha_pattern={"model.layers.1.mlp.gate_proj": 12})
   torch.manual_seed(0)
   peft_model = peft.get_peft_model(base, config).eval()
   with torch.no_grad():
+    for name_, param in peft_model.named_parameters():
+      if "lora_magnitude_vector" in name_:
+        param.mul_(torch.rand(param.shape) + 0.5)
     expected = peft_model(torch.as_tensor(ids)).logits.numpy()
   peft_model.save_pretrained(tmp_path)
-  model = jqlora.load_adapter(_model(data_dir, name), tmp_path)
+  return expected
+
+
+@pytest.mark.parametrize("name, use_dora", [("tiny-qwen2", False), ("tiny-llama", True),
+                                            ("tiny-qwen2", True)])
+def test_adapter_made_by_peft_loads_in_jqlora(data_dir, tmp_path, name, use_dora):
+  ids = _ids(data_dir, name)
+  expected = _peft_adapter(data_dir, tmp_path, ids, name, use_dora)
+  model = jqlora.load_adapter(
+      jqlora.load_model(data_dir / "hf" / name / "base", quantize=False, dtype=jnp.float32,
+                        progress=False), tmp_path)
+  assert model.layers.mlp.gate_proj.use_dora == use_dora
   np.testing.assert_allclose(model(jnp.asarray(ids, jnp.int32)), expected, atol=1e-4, rtol=0)
+
+
+def test_dora_and_lora_adapters_do_not_mix(data_dir, tmp_path):
+  ids = _ids(data_dir)
+  _peft_adapter(data_dir, tmp_path, ids, "tiny-llama", use_dora=True)
+  targets = ["q_proj", "k_proj", "o_proj", "gate_proj", "down_proj"]
+  model = jqlora.apply_lora(_model(data_dir), LoraConfig(r=8, target_modules=targets),
+                            rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r"module 'model\.layers\.\d\.\w+\.\w+_proj' has a LoRA "
+                                       r"adapter but .* holds DoRA"):
+    jqlora.load_adapter(model, tmp_path)
+  file = tmp_path / "adapter_model.safetensors"
+  tensors = load_file(str(file))
+  del tensors["base_model.model.model.layers.1.mlp.down_proj.lora_magnitude_vector"]
+  save_file(tensors, str(file))
+  with pytest.raises(ValueError, match=r"module 'model\.layers\.1\.mlp\.down_proj' has "
+                                       r"\['lora_A', 'lora_B'\]"):
+    jqlora.load_adapter(_model(data_dir), tmp_path)
 
 
 def _corrupt(data_dir, tmp_path, edit):
@@ -129,8 +174,9 @@ def test_malformed_or_missing_adapter_files(data_dir, tmp_path):
   with pytest.raises(ValueError, match="not valid JSON"):
     jqlora.load_adapter(_model(data_dir), tmp_path)
   (tmp_path / "adapter_config.json").write_text(json.dumps(
-      {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], "use_dora": True}))
-  with pytest.raises(NotImplementedError, match="use_dora"):
+      {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"],
+       "fan_in_fan_out": True}))
+  with pytest.raises(NotImplementedError, match="fan_in_fan_out"):
     jqlora.load_adapter(_model(data_dir), tmp_path)
   with pytest.raises(ValueError, match="no LoRA adapters"):
     jqlora.save_adapter(_model(data_dir), tmp_path / "out")
