@@ -332,19 +332,6 @@ def _unfused(p: jax.Array) -> jax.Array:
   return jnp.where(p == p, p, jnp.nan)
 
 
-def _nf4_values(codes: jax.Array) -> jax.Array:
-  """float32 NF4 values of integer ``codes`` in [0, 16), any shape.
-
-  A four-level select tree on the code's bits rather than a table gather: XLA's
-  CPU backend vectorizes selects but emits a gather as a scalar loop.
-  """
-  bits = [(codes >> i) & 1 for i in range(4)]
-  level = [jnp.where(bits[0] == 1, NF4_CODE[k + 1], NF4_CODE[k]) for k in range(0, 16, 2)]
-  for bit in bits[1:]:
-    level = [jnp.where(bit == 1, hi, lo) for lo, hi in zip(level[::2], level[1::2])]
-  return level[0]
-
-
 def _dequantize_xla(t: NF4Tensor, dtype) -> jax.Array:
   n, n_blocks, bs = t.size, t.n_blocks, t.block_size
   packed = t.packed.reshape(-1)
@@ -354,8 +341,10 @@ def _dequantize_xla(t: NF4Tensor, dtype) -> jax.Array:
   packed = packed.reshape(n_blocks, bs // 2)
   # Decode the scales once, not once per element (XLA would otherwise fuse them in).
   scales = jax.lax.optimization_barrier(dequantize_absmax(t))[:, None]
-  halves = [(_nf4_values(nibble) * scales).astype(dtype) for nibble in (packed >> 4, packed & 0xF)]
-  out = jnp.stack(halves, axis=-1).reshape(-1)
+  codes = jnp.stack([packed >> 4, packed & 0xF], axis=-1).reshape(n_blocks, bs)
+  # A 16-entry gather: a select tree vectorizes better on the CPU but makes XLA keep
+  # extra weight-sized buffers in the training step (+11 % peak, tests/test_plan.py).
+  out = (jnp.asarray(NF4_CODE)[codes] * scales).astype(dtype).reshape(-1)
   if out.size != n:
     out = out[:n]
   return out.reshape(t.shape)

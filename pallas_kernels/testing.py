@@ -44,6 +44,16 @@ def float32_sum_bound(a, b, want, k: int) -> np.ndarray:
   return accumulation + eps_out * (np.abs(np.asarray(want, np.float64)) + accumulation)
 
 
+#: The GPU the lowering tests target when no GPU is present (Triton reads its compute capability).
+TARGET_GPU = jax.sharding.AbstractDevice(device_kind="NVIDIA H200", num_cores=None, platform="gpu")
+
+
 def lower_for_cuda(f: Callable, *args) -> str:
-  """Traces ``jit(f)(*args)`` and lowers it for CUDA (works without a GPU); the StableHLO text."""
-  return jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  """Traces ``jit(f)(*args)`` and lowers it for CUDA (works without a GPU); the StableHLO text.
+
+  Lowering runs under an abstract one-device mesh whose device is ``TARGET_GPU``:
+  from JAX 0.11 on, Pallas' Triton lowering needs a GPU model to target.
+  """
+  mesh = jax.sharding.AbstractMesh((1,), ("gpu",), abstract_device=TARGET_GPU)
+  with jax.sharding.use_abstract_mesh(mesh):
+    return jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
