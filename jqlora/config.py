@@ -86,6 +86,7 @@ class TrainConfig:
   lora_dropout: float = 0.0
   lora_target_modules: str | list[str] = "all-linear"
   use_rslora: bool = False
+  use_dora: bool = False
   # data
   dataset: str = ""
   dataset_type: Literal["auto", "alpaca", "chat", "text"] = "auto"

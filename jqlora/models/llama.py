@@ -545,22 +545,24 @@ def build_model(config: LlamaConfig, source: TensorSource, *, quantize: bool = T
 # -- merged export ---------------------------------------------------------------
 
 @jax.jit
-def _merge(w, a, b, scale):
-  """float32 ``dense(w) + scale * (a @ b).T`` for one layer (``a``/``b`` may be None)."""
+def _merge(w, a, b, scale, magnitude):
+  """float32 dense ``w`` with its adapter folded in (``a``/``b`` None: no adapter)."""
   w = dense_weight(w, jnp.float32)
   if a is None:
     return w
-  return w + scale * (a.astype(jnp.float32) @ b.astype(jnp.float32)).T
+  return lora_lib.merged_weight(w, a, b, scale, magnitude)
 
 
 def _merged_weight(lin: Linear, index: int | None, dtype) -> np.ndarray:
   """Layer ``index`` of ``lin`` as a ``[out, in]`` weight with its adapter merged in."""
   pick = (lambda x: x) if index is None else (lambda x: jax.tree.map(lambda l: l[index], x))
-  a = b = scale = None
+  a = b = scale = magnitude = None
   if isinstance(lin, LoRALinear) and not lin.merged:
     a, b = pick(lin.lora_a.get_value()), pick(lin.lora_b.get_value())
     scale = pick(lin.scale.get_value())
-  return np.asarray(_merge(pick(lin.weight.get_value()), a, b, scale)).astype(dtype)
+    if lin.use_dora:
+      magnitude = pick(lin.lora_magnitude.get_value())
+  return np.asarray(_merge(pick(lin.weight.get_value()), a, b, scale, magnitude)).astype(dtype)
 
 
 def export_hf_state_dict(model: Llama, dtype=np.float32) -> Iterator[tuple[str, np.ndarray]]:

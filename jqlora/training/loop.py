@@ -112,7 +112,8 @@ def _setup(config: TrainConfig, mesh: jax.sharding.Mesh | None = None) -> _Run:
   model = jqlora.load_model(config.base_model, quantize=config.load_in_4bit,
                             dtype=jnp.dtype(config.dtype))
   lora = jqlora.LoraConfig(r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
-                           target_modules=config.lora_target_modules, use_rslora=config.use_rslora)
+                           target_modules=config.lora_target_modules, use_rslora=config.use_rslora,
+                           use_dora=config.use_dora)
   jqlora.apply_lora(model, lora, rngs=nnx.Rngs(config.seed))
   model.remat = config.gradient_checkpointing
   model.loss_chunk_size = config.loss_chunk_size

@@ -11,6 +11,7 @@ from test_loading import _bnb_float32_reference
 import jqlora
 from jqlora import nn
 from jqlora.lora import LoraConfig
+from jqlora.models import export_hf_state_dict
 
 from .test_lora_training import _frozen_leaves
 
@@ -55,3 +56,8 @@ def test_qdora_trains_only_adapters_and_loads_in_peft(data_dir, tmp_path):
   merged = jqlora.merge_lora(model, copy=True)  # a float copy with the DoRA factors folded in
   np.testing.assert_allclose(merged(x), logits, atol=1e-4, rtol=0)
   assert not jax.tree.leaves(nnx.state(merged, nnx.LoRAParam))
+  exported = dict(export_hf_state_dict(model))  # merged HF export folds the DoRA factor in too
+  for i in range(model.config.num_hidden_layers):
+    np.testing.assert_allclose(exported[f"model.layers.{i}.mlp.down_proj.weight"],
+                               np.asarray(merged.layers.mlp.down_proj.weight.get_value()[i]),
+                               atol=1e-6, rtol=0)

@@ -1,6 +1,7 @@
 """The training loop on the tiny Llama: packing, remat, resume exactness, non-finite stop."""
 
 import json
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -101,3 +102,14 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(data_dir, tmp_path,
     train(config)
   from jqlora.training.checkpoint import Checkpointer
   assert Checkpointer(tmp_path / "nan" / "checkpoints").latest_step() == 2
+
+
+def test_use_dora_trains_and_saves_a_peft_dora_adapter(data_dir, tmp_path):
+  from safetensors.numpy import load_file
+
+  result = train(_config(data_dir, tmp_path, "dora", use_dora=True, max_steps=2, save_steps=None))
+  assert result["step"] == 2 and all(np.isfinite(_losses(tmp_path / "dora")))
+  adapter = pathlib.Path(result["adapter_dir"])
+  assert json.loads((adapter / "adapter_config.json").read_text())["use_dora"] is True
+  keys = load_file(str(adapter / "adapter_model.safetensors"))
+  assert any(k.endswith("lora_magnitude_vector") for k in keys)
