@@ -19,12 +19,10 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 import jqlora
-from jqlora.io.source import DictSource
-from jqlora.models import LlamaConfig, build_model
+from jqlora.models import LlamaConfig, build_model, random_source
 from jqlora.plan import measure, plan
 
 RESULTS = pathlib.Path(__file__).parent / "results" / "bench_plan.json"
@@ -46,17 +44,7 @@ def random_model(fields: dict, r: int = 8) -> nnx.Module:
   """A random float32 Llama of ``fields`` with an NF4 base and LoRA on every linear."""
   config = dict(model_type="llama", tie_word_embeddings=False, **fields)
   c = LlamaConfig.from_hf(config)
-  rng = np.random.default_rng(0)
-  normal = lambda *shape: rng.normal(0, 0.02, shape).astype(np.float32)
-  d, v = c.hidden_size, c.vocab_size
-  tensors = {"model.embed_tokens.weight": normal(v, d), "lm_head.weight": normal(v, d),
-             "model.norm.weight": np.ones(d, np.float32)}
-  for i in range(c.num_hidden_layers):
-    for key, shape in c.linear_shapes().items():
-      tensors[f"model.layers.{i}.{key}.weight"] = normal(*shape)
-    for key in ("input_layernorm", "post_attention_layernorm"):
-      tensors[f"model.layers.{i}.{key}.weight"] = np.ones(d, np.float32)
-  model = build_model(c, DictSource(config, tensors), dtype=jnp.float32, progress=False)
+  model = build_model(c, random_source(c), dtype=jnp.float32, progress=False)
   jqlora.apply_lora(model, jqlora.LoraConfig(r=r), rngs=nnx.Rngs(0))
   return model
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import jax.numpy as jnp
-import numpy as np
 import pytest
 from flax import nnx
 
@@ -79,21 +78,10 @@ def test_cli_prints_the_table_and_exits_1_when_it_does_not_fit(capsys, tmp_path)
 # -- against XLA's measured peak of the real training step (float32, CPU) --------------
 
 def _model(cfg: dict, r: int):
-  from jqlora.io.source import DictSource
-  from jqlora.models import LlamaConfig, build_model
+  from jqlora.models import LlamaConfig, build_model, random_source
 
   c = LlamaConfig.from_hf(cfg)
-  rng = np.random.default_rng(0)
-  d, v = c.hidden_size, c.vocab_size
-  t = {"model.embed_tokens.weight": rng.normal(size=(v, d)).astype(np.float32),
-       "model.norm.weight": np.ones(d, np.float32),
-       "lm_head.weight": rng.normal(size=(v, d)).astype(np.float32)}
-  for i in range(c.num_hidden_layers):
-    for key, shape in c.linear_shapes().items():
-      t[f"model.layers.{i}.{key}.weight"] = rng.normal(size=shape).astype(np.float32)
-    for key in ("input_layernorm", "post_attention_layernorm"):
-      t[f"model.layers.{i}.{key}.weight"] = np.ones(d, np.float32)
-  model = build_model(c, DictSource(cfg, t), dtype=jnp.float32, progress=False)
+  model = build_model(c, random_source(c, std=1.0), dtype=jnp.float32, progress=False)
   jqlora.apply_lora(model, jqlora.LoraConfig(r=r), rngs=nnx.Rngs(0))
   return model
 

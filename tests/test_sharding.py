@@ -27,22 +27,10 @@ def _tiny_model(r: int | None = 8, **overrides):
   from flax import nnx
 
   import jqlora
-  from jqlora.io.source import DictSource
-  from jqlora.models import LlamaConfig, build_model
+  from jqlora.models import LlamaConfig, build_model, random_source
 
-  cfg = {**_CONFIG, **overrides}
-  c = LlamaConfig.from_hf(cfg)
-  rng = np.random.default_rng(0)
-  normal = lambda *shape: (0.05 * rng.normal(size=shape)).astype(np.float32)
-  d, v = c.hidden_size, c.vocab_size
-  tensors = {"model.embed_tokens.weight": normal(v, d), "model.norm.weight": np.ones(d, np.float32),
-             "lm_head.weight": normal(v, d)}
-  for i in range(c.num_hidden_layers):
-    for key, shape in c.linear_shapes().items():
-      tensors[f"model.layers.{i}.{key}.weight"] = normal(*shape)
-    for key in ("input_layernorm", "post_attention_layernorm"):
-      tensors[f"model.layers.{i}.{key}.weight"] = np.ones(d, np.float32)
-  model = build_model(c, DictSource(cfg, tensors), dtype=jnp.float32, progress=False)
+  c = LlamaConfig.from_hf({**_CONFIG, **overrides})
+  model = build_model(c, random_source(c, std=0.05), dtype=jnp.float32, progress=False)
   if r is None:
     return model
   jqlora.apply_lora(model, jqlora.LoraConfig(r=r, init="gaussian"), rngs=nnx.Rngs(0))

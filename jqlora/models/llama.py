@@ -25,7 +25,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from jqlora import lora as lora_lib
-from jqlora.io.source import TensorSource
+from jqlora.io.source import DictSource, TensorSource
 from jqlora.nf4 import NF4Tensor, quantize_nf4
 from jqlora.nn import Frozen, Linear, LoRALinear, dense_weight
 
@@ -540,6 +540,33 @@ def build_model(config: LlamaConfig, source: TensorSource, *, quantize: bool = T
   bar.update()
   bar.close()
   return Llama(c, embed, layers, norm, lm_head, dtype=dtype)
+
+
+def random_source(config: LlamaConfig, *, std: float = 0.02, seed: int = 0) -> DictSource:
+  """Random float32 checkpoint tensors for ``config`` (tests, benchmarks, memory plans).
+
+  Weights and biases are normal with standard deviation ``std``; norms are ones.
+  The LM head is omitted when the embeddings are tied.
+
+  Returns:
+    A ``DictSource`` with Hugging Face tensor names, ready for ``build_model``.
+  """
+  c = config
+  rng = np.random.default_rng(seed)
+  normal = lambda *shape: (std * rng.standard_normal(shape)).astype(np.float32)
+  d = c.hidden_size
+  tensors = {"model.embed_tokens.weight": normal(c.vocab_size, d),
+             "model.norm.weight": np.ones(d, np.float32)}
+  if not c.tie_word_embeddings:
+    tensors["lm_head.weight"] = normal(c.vocab_size, d)
+  for i in range(c.num_hidden_layers):
+    for key, shape in c.linear_shapes().items():
+      tensors[f"model.layers.{i}.{key}.weight"] = normal(*shape)
+      if c.has_bias(key):
+        tensors[f"model.layers.{i}.{key}.bias"] = normal(shape[0])
+    for key in _NORMS:
+      tensors[f"model.layers.{i}.{key}.weight"] = np.ones(d, np.float32)
+  return DictSource(c.to_hf(), tensors)
 
 
 # -- merged export ---------------------------------------------------------------
