@@ -278,3 +278,18 @@ def test_chunked_training_loss_equals_full_logits(name, tiny_model, data_dir):
   np.testing.assert_allclose(l2, l1, rtol=1e-6)
   assert max(np.abs(x).max() for x in jax.tree.leaves(d1)) > 1e-4
   jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-6), d1, d2)
+
+
+def test_random_source_builds_every_family_variant():
+  from jqlora.models import random_source
+
+  cfg = LlamaConfig.from_hf(dict(model_type="qwen2", vocab_size=64, hidden_size=32,
+                                 intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, tie_word_embeddings=True))
+  source = random_source(cfg, std=0.1, seed=3)
+  assert "lm_head.weight" not in source.names()  # tied
+  assert source.get("model.layers.1.self_attn.q_proj.bias").shape == (32,)
+  assert abs(float(np.std(source.get("model.layers.0.mlp.up_proj.weight"))) - 0.1) < 0.01
+  model = build_model(cfg, source, dtype=jnp.float32, progress=False)
+  logits = model(jnp.zeros((1, 5), jnp.int32))
+  assert logits.shape == (1, 5, 64) and bool(jnp.all(jnp.isfinite(logits)))
