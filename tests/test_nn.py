@@ -108,7 +108,7 @@ def _torch_base(w, bias, quantized):
     with torch.no_grad():
       base.weight.copy_(torch.tensor(np.asarray(w)))
   else:
-    stored = {k: torch.from_numpy(v) for k, v in w.to_bnb("weight").items()}
+    stored = {k: torch.from_numpy(np.array(v)) for k, v in w.to_bnb("weight").items()}
     base = bnb.nn.Linear4bit(in_features, out_features, compute_dtype=torch.float32,
                              quant_type="nf4", device="cpu")
     base.weight = bnb.nn.Params4bit.from_prequantized(

@@ -19,11 +19,21 @@ tests run on whole arrays against the reference.
 
 from __future__ import annotations
 
+import inspect
+
 import jax
 import jax.numpy as jnp
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from jqlora.nf4 import NF4_CODE
+
+# JAX 0.10 needs the index argument of ``plgpu.load``; 0.11 deprecates passing one.
+_LOAD_NEEDS_INDEX = inspect.signature(plgpu.load).parameters["idx"].default is inspect.Parameter.empty
+
+
+def _load(ref, layout) -> jax.Array:
+  """The whole of ``ref`` in registers with ``layout`` (any JAX version)."""
+  return plgpu.load(ref, (), layout=layout) if _LOAD_NEEDS_INDEX else plgpu.load(ref, layout=layout)
 
 #: Untuned launch parameters: blocks per tile (a multiple of 64, the WGMMA layout's
 #: row count) and the most tiles one program pipelines.
@@ -89,8 +99,8 @@ def dequantize_blocks(packed: jax.Array, scales: jax.Array, dtype) -> jax.Array:
   out_dtypes = (dtype, dtype) if dtype.itemsize == 4 else (jnp.uint32,)
 
   def tile_body(_, packed_ref, scales_ref, *out_refs):
-    codes = plgpu.load(packed_ref, (), layout=row)
-    block_scales = plgpu.load(scales_ref, (), layout=row.reduce(1))
+    codes = _load(packed_ref, row)
+    block_scales = _load(scales_ref, row.reduce(1))
     block_scales = jax.lax.broadcast_in_dim(block_scales, (tile, half), (0,))
     for ref, value in zip(out_refs, decode_tile(codes, block_scales, dtype)):
       ref[...] = value
