@@ -3,6 +3,12 @@
 Prompts of different lengths are left-padded; padding gets segment id 0 so no
 real token attends to it, and each row's positions start at 0 on its first
 real token. Prefill and every decoding step run in one compiled function.
+
+A model sharded over a mesh (``jqlora.sharding.shard_model``) decodes on that
+mesh: the prompts are replicated on it and the generated tokens come back
+replicated. With ``jax.distributed`` every process calls ``generate`` with the
+same prompts in the same order (the compiled function runs in lockstep) and
+each reads all the answers.
 """
 
 from __future__ import annotations
@@ -15,7 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from jqlora import sharding
 from jqlora.training.data import render_prompt
 
 __all__ = ["generate", "generate_ids", "stop_token_ids"]
@@ -42,10 +50,21 @@ def _sample(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_p: ja
   return jnp.where(temperature > 0, sampled, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _generate(graphdef: nnx.GraphDef, max_new_tokens: int, state: Any, ids: jax.Array,
-              lengths: jax.Array, stop_ids: jax.Array, key: jax.Array, temperature: jax.Array,
-              top_p: jax.Array, pad_id: jax.Array) -> jax.Array:
+def _mesh(state: Any) -> Mesh | None:
+  """The mesh of a sharded model's state; None when no array spans several devices."""
+  for x in jax.tree.leaves(state):
+    s = getattr(x, "sharding", None)
+    if isinstance(s, NamedSharding) and s.mesh.size > 1:
+      return s.mesh
+  return None
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _generate(graphdef: nnx.GraphDef, max_new_tokens: int, out_sharding: NamedSharding | None,
+              state: Any, ids: jax.Array, lengths: jax.Array, stop_ids: jax.Array,
+              key: jax.Array, temperature: jax.Array, top_p: jax.Array,
+              pad_id: jax.Array) -> jax.Array:
+  """Generated ids ``[B, max_new_tokens]`` int32 (with ``out_sharding`` when given)."""
   model = nnx.merge(graphdef, state)
   b, p = ids.shape
   pad = p - lengths[:, None]
@@ -68,7 +87,9 @@ def _generate(graphdef: nnx.GraphDef, max_new_tokens: int, state: Any, ids: jax.
 
   init = (logits[:, -1], cache, jnp.zeros((b,), bool), key)
   _, tokens = jax.lax.scan(step, init, jnp.arange(max_new_tokens))
-  return tokens.T
+  if out_sharding is None:
+    return tokens.T
+  return jax.lax.with_sharding_constraint(tokens.T, out_sharding)
 
 
 def generate_ids(model: nnx.Module, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
@@ -77,7 +98,8 @@ def generate_ids(model: nnx.Module, prompts: Sequence[Sequence[int]], *, max_new
   """Continues each token prompt until a stop token or ``max_new_tokens``.
 
   Args:
-    model: a jqlora model (``init_cache`` and ``cache=`` support).
+    model: a jqlora model (``init_cache`` and ``cache=`` support), on one device
+      or sharded over a mesh (multi-process: every process passes the same prompts).
     prompts: token ids, one list per sequence (lengths may differ).
     max_new_tokens: the most tokens generated per sequence.
     stop_ids: tokens that end a sequence (kept in the output).
@@ -96,10 +118,15 @@ def generate_ids(model: nnx.Module, prompts: Sequence[Sequence[int]], *, max_new
   for row, p in enumerate(prompts):
     ids[row, width - len(p):] = p
   graphdef, state = nnx.split(model)
-  tokens = np.asarray(_generate(
-      graphdef, max_new_tokens, state, jnp.asarray(ids),
-      jnp.asarray([len(p) for p in prompts], jnp.int32), jnp.asarray(list(stop_ids), jnp.int32),
-      jax.random.key(seed), jnp.float32(temperature), jnp.float32(top_p), jnp.int32(pad_id)))
+  args = (ids, np.asarray([len(p) for p in prompts], np.int32), np.asarray(stop_ids, np.int32),
+          jax.random.key(seed), np.float32(temperature), np.float32(top_p), np.int32(pad_id))
+  mesh = _mesh(state)
+  replicated = None if mesh is None else NamedSharding(mesh, P())
+  if mesh is not None:  # global arrays, the same on every process
+    args = sharding.replicate(args, mesh)
+  # one device, or replicated: every process reads its first local copy
+  tokens = np.asarray(_generate(graphdef, max_new_tokens, replicated, state, *args)
+                      .addressable_data(0))
   out = []
   for row in tokens.tolist():
     stops = [i for i, t in enumerate(row) if t in set(stop_ids)]

@@ -36,7 +36,9 @@ def exact_match(model: nnx.Module, tokenizer: Any, dataset: Dataset, *, batch_si
   """Greedy answers to the held-out prompts, scored by exact match of the reference answer.
 
   Args:
-    model: in eval mode.
+    model: in eval mode; on one device or sharded over a mesh (with
+      ``jax.distributed``, every process calls this with the same ``dataset`` and
+      gets every row).
     tokenizer: its tokenizer (chat template).
     dataset: alpaca or chat records; the last assistant message is the reference.
     batch_size: prompts decoded together.

@@ -6,6 +6,8 @@ Scale-out follows the config: ``distributed.*`` (or the environment) starts
 ``(data, fsdp, tensor)`` mesh of all devices (``jqlora.sharding``); the step is
 the same ``train_step``. Every process builds the same global batches and
 keeps its own rows; only process 0 prints, writes metrics and the adapter.
+Held-out exact match decodes on the same mesh: every process generates the
+answers to all held-out prompts together (``jqlora.generate``).
 """
 
 from __future__ import annotations
@@ -195,6 +197,8 @@ def train(config: TrainConfig, *, stop_at_step: int | None = None,
   Returns:
     A summary: ``step``, ``loss``, and when measured ``eval_loss``,
     ``eval_perplexity``, ``accuracy_before``, ``accuracy_after``, ``adapter_dir``.
+    ``output_dir/metrics.jsonl`` gets the logged steps, ``exact_match`` at step 0,
+    and a last row with the final held-out loss and ``exact_match``.
 
   Raises:
     TrainingError: a non-finite loss; the last good checkpoint stays in ``output_dir``.
@@ -203,10 +207,7 @@ def train(config: TrainConfig, *, stop_at_step: int | None = None,
   import jqlora
   from tqdm.auto import tqdm
 
-  multi_process = distributed.initialize(config.distributed)
-  if multi_process and config.eval_exact_match:
-    raise ConfigError("eval_exact_match (generation) runs in a single process; turn it off for "
-                      "multi-process training")
+  distributed.initialize(config.distributed)
   lead = jax.process_index() == 0
   out = (out or sys.stdout) if lead else io.StringIO()
   run = _setup(config, _mesh(config))
@@ -223,10 +224,12 @@ def train(config: TrainConfig, *, stop_at_step: int | None = None,
   if latest is not None:
     print(f"resumed from {ckpt.directory / str(latest)} (step {latest})", file=out, flush=True)
   summary: dict[str, Any] = {"step": step}
-  if run.eval_set is not None and config.eval_exact_match and step == 0:
-    summary["accuracy_before"] = _accuracy(run, "before training", out)
-
   metrics_file = (output / "metrics.jsonl").open("a" if step else "w") if lead else io.StringIO()
+  exact = run.eval_set is not None and config.eval_exact_match
+  if exact and step == 0:
+    summary["accuracy_before"] = _accuracy(run, "before training", out)
+    metrics_file.write(json.dumps({"step": 0, "exact_match": summary["accuracy_before"]}) + "\n")
+    metrics_file.flush()
   end = min(run.total_steps, stop_at_step or run.total_steps)
   bar = tqdm(total=run.total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
              disable=not lead)
@@ -273,12 +276,12 @@ def train(config: TrainConfig, *, stop_at_step: int | None = None,
     print(f"stopped at step {step} of {run.total_steps}; run again to resume", file=out)
     metrics_file.close()
     return summary
+  final: dict[str, Any] = {"step": step}  # the last metrics row: held-out loss and exact match
   if run.eval_set is not None:
     e_loss, ppl = _eval_loss(run)
-    metrics_file.write(json.dumps({"step": step, "eval_loss": e_loss, "eval_perplexity": ppl}) + "\n")
     print(f"held-out loss {e_loss:.4f}, perplexity {ppl:.2f}", file=out)
     summary.update(eval_loss=e_loss, eval_perplexity=ppl)
-  metrics_file.close()
+    final.update(eval_loss=e_loss, eval_perplexity=ppl)
   adapter_dir = output / "adapter"
   if run.mesh is not None:  # every process takes part; then any process can read the adapters
     nnx.update(run.model, sharding.replicate(nnx.state(run.model, nnx.LoRAParam), run.mesh))
@@ -286,6 +289,9 @@ def train(config: TrainConfig, *, stop_at_step: int | None = None,
     jqlora.save_adapter(run.model, adapter_dir)
   print(f"adapter (PEFT format) saved to {adapter_dir}", file=out, flush=True)
   summary["adapter_dir"] = str(adapter_dir)
-  if run.eval_set is not None and config.eval_exact_match:
-    summary["accuracy_after"] = _accuracy(run, "after training", out)
+  if exact:
+    summary["accuracy_after"] = final["exact_match"] = _accuracy(run, "after training", out)
+  if len(final) > 1:
+    metrics_file.write(json.dumps(final) + "\n")
+  metrics_file.close()
   return summary

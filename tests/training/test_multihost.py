@@ -2,7 +2,8 @@
 
 The two-process test starts both ``jqlora train`` processes itself (2 CPU
 devices each, a ``fsdp=2 x tensor=2`` mesh across them, gloo collectives),
-stops them at a timeout and compares with a single-process run.
+stops them at a timeout and compares losses, adapters and held-out exact match
+(generation on the mesh) with a single-process run.
 """
 
 import json
@@ -80,9 +81,22 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+def _rows(out_dir: pathlib.Path) -> list[dict]:
+  return [json.loads(l) for l in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
 def _losses(out_dir: pathlib.Path) -> list[float]:
-  rows = [json.loads(l) for l in (out_dir / "metrics.jsonl").read_text().splitlines()]
-  return [r["loss"] for r in rows if "loss" in r]
+  return [r["loss"] for r in _rows(out_dir) if "loss" in r]
+
+
+def _exact_match(out_dir: pathlib.Path) -> dict[int, float]:
+  """Held-out exact match by step (0: before training)."""
+  return {r["step"]: r["exact_match"] for r in _rows(out_dir) if "exact_match" in r}
+
+
+def _generated(out: str) -> list[str]:
+  """The sample answers a run prints after its exact-match lines."""
+  return [l.split("generated:", 1)[1].strip() for l in out.splitlines() if "generated:" in l]
 
 
 def _adapter(out_dir: pathlib.Path) -> dict[str, np.ndarray]:
@@ -104,7 +118,10 @@ def two_processes(tmp_path_factory):
       "base_model": str(tmp / "model"), "dataset": "train.jsonl", "dtype": "float32",
       "lora_r": 4, "lora_target_modules": ["q_proj", "v_proj", "down_proj"],
       "sequence_len": 32, "sample_packing": True, "micro_batch_size": 4,
-      "learning_rate": 1e-2, "lr_scheduler": "constant", "save_steps": 1}))
+      "learning_rate": 1e-2, "lr_scheduler": "constant", "save_steps": 1,
+      # held-out generation on the mesh: 6 prompts in batches of 4 (the last one padded)
+      "val_set_size": 6, "eval_batch_size": 4, "eval_exact_match": True,
+      "eval_max_new_tokens": 4, "eval_print_samples": 6}))
   port = _free_port()
   common = ["--config", str(tmp / "run.yaml"), f"output_dir={tmp / 'multi'}",
             "mesh.fsdp=2", "mesh.tensor=2"]
@@ -134,15 +151,27 @@ def two_processes(tmp_path_factory):
   return tmp, results
 
 
-def test_two_processes_train_together_like_one(two_processes):
+def test_two_processes_train_together_like_one(two_processes, capsys):
   tmp, results = two_processes
   for rc, out in results:
     assert rc == 0, out[-4000:]
   (out0, out1) = (out for _, out in results)
   assert "mesh: data=1 x fsdp=2 x tensor=2 over 4 devices of 2 process(es)" in out0
   assert "resumed from" in out0 and "trainable parameters" not in out1  # only process 0 prints
+  assert "held-out exact match" not in out1
   assert main(["train", "--config", str(tmp / "run.yaml"), f"output_dir={tmp / 'single'}",
                "max_steps=4"]) == 0
+  # held-out exact match before and after (the resumed run's step 4) as in one process
+  single_out = capsys.readouterr().out
+  multi_acc = _exact_match(tmp / "multi")
+  assert sorted(multi_acc) == [0, 2, 4]  # the first run ends at step 2, the resumed one at 4
+  assert _exact_match(tmp / "single") == {0: multi_acc[0], 4: multi_acc[4]}
+  # the same greedy answers: 6 before and 6 after in one process; 6 more at step 2 in two
+  answers = _generated(single_out)
+  assert len(answers) == 12 and any(answers), single_out[-2000:]
+  multi_answers = _generated(out0)
+  assert len(multi_answers) == 18
+  assert multi_answers[:6] == answers[:6] and multi_answers[12:] == answers[6:]
   single, multi = _losses(tmp / "single"), _losses(tmp / "multi")
   assert len(multi) == 4 and len(set(multi)) == 4
   np.testing.assert_allclose(multi, single, rtol=0, atol=1e-5)
