@@ -44,8 +44,20 @@ def check_operands(x: jax.Array, t: NF4Tensor, what: str, *, transposed: bool = 
                      f"needs x[..., {k}] (its {side} dimension)")
 
 
-def _rows(x: jax.Array) -> jax.Array:
-  return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
+def _dispatch(x: jax.Array, t: NF4Tensor, *, transposed: bool, interpret: bool) -> jax.Array:
+  """``x @ W.T`` (or ``x @ W`` when ``transposed``) by the fused kernel or dequantize + dot."""
+  n_out = t.shape[1] if transposed else t.shape[0]
+  rows = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
+  if rows.shape[0] == 0:
+    return jnp.zeros((*x.shape[:-1], n_out), x.dtype)
+  if triton.kind(rows.shape[0], t):
+    kernel = triton.transposed if transposed else triton.forward
+    y = kernel(rows, t, interpret=interpret)
+  else:
+    w = dequantize_api.dequantize(t, x.dtype, interpret=interpret)
+    y = jnp.dot(rows, w if transposed else w.T,
+                preferred_element_type=jnp.float32).astype(x.dtype)
+  return y.reshape(*x.shape[:-1], n_out)
 
 
 def matmul(x: jax.Array, t: NF4Tensor, *, interpret: bool = False) -> jax.Array:
@@ -60,15 +72,7 @@ def matmul(x: jax.Array, t: NF4Tensor, *, interpret: bool = False) -> jax.Array:
     ``x.dtype[..., out]``, accumulated in float32.
   """
   check_operands(x, t, "nf4 matmul")
-  rows = _rows(x)
-  if rows.shape[0] == 0:
-    return jnp.zeros((*x.shape[:-1], t.shape[0]), x.dtype)
-  if triton.kind(rows.shape[0], t):
-    y = triton.forward(rows, t, interpret=interpret)
-  else:
-    w = dequantize_api.dequantize(t, x.dtype, interpret=interpret)
-    y = jnp.dot(rows, w.T, preferred_element_type=jnp.float32).astype(x.dtype)
-  return y.reshape(*x.shape[:-1], t.shape[0])
+  return _dispatch(x, t, transposed=False, interpret=interpret)
 
 
 def matmul_transposed(dy: jax.Array, t: NF4Tensor, *, interpret: bool = False) -> jax.Array:
@@ -83,12 +87,4 @@ def matmul_transposed(dy: jax.Array, t: NF4Tensor, *, interpret: bool = False) -
     ``dy.dtype[..., in]``, accumulated in float32.
   """
   check_operands(dy, t, "nf4 matmul (transposed)", transposed=True)
-  rows = _rows(dy)
-  if rows.shape[0] == 0:
-    return jnp.zeros((*dy.shape[:-1], t.shape[1]), dy.dtype)
-  if triton.kind(rows.shape[0], t):
-    dx = triton.transposed(rows, t, interpret=interpret)
-  else:
-    w = dequantize_api.dequantize(t, dy.dtype, interpret=interpret)
-    dx = jnp.dot(rows, w, preferred_element_type=jnp.float32).astype(dy.dtype)
-  return dx.reshape(*dy.shape[:-1], t.shape[1])
+  return _dispatch(dy, t, transposed=True, interpret=interpret)
