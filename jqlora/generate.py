@@ -120,9 +120,9 @@ def generate_ids(model: nnx.Module, prompts: Sequence[Sequence[int]], *, max_new
   graphdef, state = nnx.split(model)
   args = (ids, np.asarray([len(p) for p in prompts], np.int32), np.asarray(stop_ids, np.int32),
           jax.random.key(seed), np.float32(temperature), np.float32(top_p), np.int32(pad_id))
-  mesh = _mesh(state)
-  replicated = None if mesh is None else NamedSharding(mesh, P())
+  mesh, replicated = _mesh(state), None
   if mesh is not None:  # global arrays, the same on every process
+    replicated = NamedSharding(mesh, P())
     args = sharding.replicate(args, mesh)
   # one device, or replicated: every process reads its first local copy
   tokens = np.asarray(_generate(graphdef, max_new_tokens, replicated, state, *args)

@@ -292,13 +292,14 @@ def dora_delta(h: jax.Array, base: jax.Array, a: jax.Array, b: jax.Array,
 
 
 def merged_weight(w: jax.Array, a: jax.Array, b: jax.Array, scale: jax.Array | float,
-                  magnitude: jax.Array | None = None) -> jax.Array:
+                  magnitude: jax.Array | None = None, norm: jax.Array | None = None) -> jax.Array:
   """float32 base weight with the adapter folded in (as PEFT merges).
 
   Args:
     w: dense base weight ``[..., out, in]``.
     a: ``[..., in, r]``; b: ``[..., r, out]``; scale: ``[...]`` or a scalar.
     magnitude: DoRA magnitude ``[..., out]``, or None for plain LoRA.
+    norm: DoRA's ``weight_norm`` of these operands when the caller already has it.
 
   Returns:
     ``w + scale * (a @ b).T``, times ``dora_factor`` per output row with DoRA.
@@ -306,5 +307,6 @@ def merged_weight(w: jax.Array, a: jax.Array, b: jax.Array, scale: jax.Array | f
   merged = w.astype(jnp.float32) + delta_weight(a, b, scale)
   if magnitude is None:
     return merged
-  factor = dora_factor(magnitude, weight_norm(w, a, b, scale), scale)
+  norm = weight_norm(w, a, b, scale) if norm is None else norm
+  factor = dora_factor(magnitude, norm, scale)
   return factor[..., None] * merged

@@ -182,9 +182,11 @@ def merge_lora(model: nnx.Module, *, copy: bool = False) -> nnx.Module:
   for _, m in modules:
     if not m.merged:
       w = m.weight.get_value()
-      if m.use_dora:
-        m.dora_norm = DoRANorm(lora_lib.weight_norm(w, *_adapter(m)))
-      m.weight.set_value(lora_lib.merged_weight(w, *_adapter(m), _magnitude(m)).astype(w.dtype))
+      norm = lora_lib.weight_norm(w, *_adapter(m)) if m.use_dora else None
+      if norm is not None:
+        m.dora_norm = DoRANorm(norm)
+      m.weight.set_value(
+          lora_lib.merged_weight(w, *_adapter(m), _magnitude(m), norm).astype(w.dtype))
       m.merged = True
   return model
 

@@ -4,7 +4,8 @@ NF4 double quantization is only byte-exact if three details follow the
 reference libraries: the 256-entry dynamic map (torch's ``linspace``), the mean
 of the block scales (torch's summation order) and the 8-bit code search
 (bitsandbytes' CPU lookup table). Each is written here from the arithmetic the
-libraries perform, and checked against their outputs in ``tests/test_nf4.py``.
+libraries perform, and checked against their outputs in ``tests/test_torch_numerics.py``
+and ``tests/test_nf4.py``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import numpy as np
 __all__ = ["linspace_f32", "mean_f32", "dynamic_codes"]
 
 _F32 = np.float32
-_LANES, _ILP, _LEVELS = 8, 4, 4  # torch's sum kernel: 8-wide vectors, 4 accumulators, 4 levels
+_LANES, _ILP = 8, 4  # torch's sum kernel: 8-wide vectors, 4 accumulators (and 4 cascade levels)
 _LUT_STEPS = 65535  # bitsandbytes' CPU code search: a table over 65 536 points of [-1, 1]
 
 
@@ -144,6 +145,7 @@ def _lut_thresholds(code_bytes: bytes) -> np.ndarray:
   i = np.arange(_LUT_STEPS + 1)
   grid = (_F32(-1) + ((_F32(2) * i.astype(_F32)).astype(_F32) / _F32(_LUT_STEPS))).astype(_F32)
   first_index = np.searchsorted(grid, mid, side="right")  # first i with grid[i] > mid
+
   def reaches(t: np.float32, idx: int) -> bool:  # float32 t * 65535, rounded, + 0.5, rounded
     return _F32(_F32(t * _F32(_LUT_STEPS)) + _F32(0.5)) >= idx
 
@@ -176,5 +178,5 @@ def dynamic_codes(values: jax.Array, absmax: jax.Array, code: np.ndarray) -> jax
   inv = 1.0 / absmax
   v = jnp.clip(values * inv[:, None], -1.0, 1.0)
   t = (v + 1.0) * 0.5
-  thresholds = jnp.asarray(_lut_thresholds(np.asarray(code, _F32).tobytes()))
-  return jnp.sum(t[..., None] >= thresholds, axis=-1).astype(jnp.uint8)
+  thresholds = jnp.asarray(_lut_thresholds(np.asarray(code, _F32).tobytes()))  # ascending
+  return jnp.searchsorted(thresholds, t, side="right").astype(jnp.uint8)  # #{j: t >= T[j]}

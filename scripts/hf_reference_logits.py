@@ -88,6 +88,11 @@ def main() -> None:
                       help="save base/ quantized by bitsandbytes (before any forward) here")
   args = parser.parse_args()
 
+  missing = [n for n in ("base", "adapter", "base-bnb-nf4", "reference_logits.npz")
+             if not (args.folder / n).exists()]
+  if missing:
+    parser.error(f"{args.folder} lacks {', '.join(missing)} (expected the layout of "
+                 "tests/data/hf/tiny-llama)")
   stored = dict(np.load(args.folder / "reference_logits.npz"))
   ids = stored["input_ids"]
   if args.save_bnb_folder:
