@@ -358,9 +358,11 @@ def dequantize_nf4(t: NF4Tensor, dtype=None, *, backend: str | None = None) -> j
   Args:
     t: the quantized tensor.
     dtype: output dtype; defaults to ``t.dtype`` (the quantized input's dtype).
-    backend: ``"xla"`` (pure jnp), ``"pallas"`` (GPU kernel) or ``"interpret"``
-      (the Pallas kernel interpreted, for CPU tests); None picks ``"pallas"`` on
-      GPU and ``"xla"`` elsewhere.
+    backend: ``"xla"`` (pure jnp), ``"native"`` (the compiled CPU kernel of
+      ``jqlora.native``; float32/bfloat16), ``"pallas"`` (GPU kernel) or
+      ``"interpret"`` (the Pallas kernel interpreted, for CPU tests); None picks
+      ``"pallas"`` on GPU, ``"native"`` on CPU where it is available, else ``"xla"``.
+      All are bit-identical.
 
   Returns:
     An array of shape ``t.shape`` and dtype ``dtype``. Works under ``jit`` and
@@ -369,8 +371,12 @@ def dequantize_nf4(t: NF4Tensor, dtype=None, *, backend: str | None = None) -> j
   if not isinstance(t, NF4Tensor):
     raise TypeError(f"dequantize_nf4: expected an NF4Tensor, got {type(t).__name__}")
   dtype = t.dtype if dtype is None else jnp.dtype(dtype)
-  from jqlora import ops  # local import: ops depends on this module
-  backend = ops.resolve_backend(backend)
+  from jqlora import native, ops  # local import: ops depends on this module
+  backend = ops.resolve_backend(backend, dtype)
+  if backend == "native":
+    flat = native.dequantize(t.packed.reshape(-1), dequantize_absmax(t), NF4_CODE,
+                             n=t.size, block_size=t.block_size, dtype=dtype)
+    return flat.reshape(t.shape)
   if backend == "xla":
     return _dequantize_xla(t, dtype)
   return ops.dequantize_kernel(t, dtype, backend)

@@ -6,12 +6,14 @@ import numpy as np
 import pytest
 
 import jqlora
-from jqlora import ops
+from jqlora import native, ops
 from jqlora.nf4 import dequantize_nf4
 from pallas_kernels import testing
 from pallas_kernels.nf4_matmul import matmul_reference
 
 SHAPE = (192, 320)
+NATIVE = pytest.param("native", marks=pytest.mark.skipif(
+    not native.available(), reason="native NF4 kernel not built (no C compiler?)"))
 
 
 def _dense_loss(x, t):
@@ -19,14 +21,20 @@ def _dense_loss(x, t):
   return jnp.sum(jnp.dot(x, w.T, preferred_element_type=jnp.float32) ** 2)
 
 
-def test_resolve_backend():
-  assert ops.resolve_backend(None) == "xla"  # CPU
+def test_resolve_backend(monkeypatch):
+  assert ops.resolve_backend(None) == "xla"  # nf4_matmul on the CPU
+  decode_default = "native" if native.available() else "xla"  # dequantize_nf4 on the CPU
+  assert ops.resolve_backend(None, jnp.float32) == ops.resolve_backend(None, jnp.bfloat16) \
+      == decode_default
+  assert ops.resolve_backend(None, jnp.float16) == "xla"  # the native kernel has no float16
   assert ops.resolve_backend("interpret") == "interpret"
+  monkeypatch.setenv("JQLORA_NATIVE", "0")
+  assert ops.resolve_backend(None, jnp.float32) == "xla"
   with pytest.raises(ValueError, match="backend must be one of"):
     ops.resolve_backend("cuda")
 
 
-@pytest.mark.parametrize("backend", ["xla", "interpret"])
+@pytest.mark.parametrize("backend", ["xla", NATIVE, "interpret"])
 def test_forward_matches_reference(backend):
   t = testing.make_weight(SHAPE)
   x = testing.make_activations((2, 3, SHAPE[1]), jnp.bfloat16)
@@ -38,7 +46,7 @@ def test_forward_matches_reference(backend):
   assert np.all(np.abs(np.asarray(y, np.float64) - np.asarray(want, np.float64)).reshape(6, -1) <= bound)
 
 
-@pytest.mark.parametrize("backend", ["xla", "interpret"])
+@pytest.mark.parametrize("backend", ["xla", NATIVE, "interpret"])
 def test_grad_matches_dense(backend):
   t = testing.make_weight(SHAPE, double_quant=False)
   x = testing.make_activations((4, SHAPE[1]), jnp.float32)
@@ -48,10 +56,11 @@ def test_grad_matches_dense(backend):
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-3)
 
 
-def test_no_float_weight_residual_and_no_weight_gradient():
+@pytest.mark.parametrize("backend", ["xla", NATIVE])
+def test_no_float_weight_residual_and_no_weight_gradient(backend):
   t = testing.make_weight(SHAPE)
   x = testing.make_activations((8, SHAPE[1]), jnp.bfloat16)
-  y, vjp = jax.vjp(lambda x, w: jqlora.nf4_matmul(x, w, backend="xla"), x, t)
+  y, vjp = jax.vjp(lambda x, w: jqlora.nf4_matmul(x, w, backend=backend), x, t)
   residuals = jax.tree_util.tree_leaves(vjp)
   # The saved residuals are exactly W's storage: packed codes, scale codes, nested scales, offset.
   assert [(r.shape, r.dtype) for r in residuals] == [
@@ -63,7 +72,7 @@ def test_no_float_weight_residual_and_no_weight_gradient():
   assert dw.packed.dtype == jax.dtypes.float0 and dw.absmax.dtype == jax.dtypes.float0
   assert not np.any(np.asarray(dw.absmax2)) and not np.any(np.asarray(dw.offset))
   # The forward rule's residual pytree is the NF4Tensor itself.
-  _, saved = ops._matmul_fwd(x, t, "xla")
+  _, saved = ops._matmul_fwd(x, t, backend)
   assert saved is t
 
 
