@@ -99,7 +99,9 @@ def _library() -> ctypes.CDLL | None:
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(getattr(library, TARGET)),
                                 platform="cpu")
   except (RuntimeError, OSError, AttributeError) as error:
-    _log.info("native NF4 kernel unavailable, using XLA: %s", error)
+    # No compiler is a set-up choice; a failing build or load is a bug worth seeing.
+    level = logging.INFO if _compiler() is None else logging.WARNING
+    _log.log(level, "native NF4 kernel unavailable, using XLA: %s", error)
     return None
   library.jqlora_nf4_isa.argtypes = [ctypes.c_int]
   return library
@@ -109,7 +111,7 @@ def available() -> bool:
   """Whether the kernel is built and registered with XLA (built at the first call).
 
   False with ``JQLORA_NATIVE=0`` or when it cannot be compiled (the reason is
-  logged at INFO level on ``jqlora.native``).
+  logged on ``jqlora.native``: INFO without a compiler, WARNING if a build failed).
   """
   return os.environ.get("JQLORA_NATIVE", "1") != "0" and _library() is not None
 

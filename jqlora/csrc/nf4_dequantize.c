@@ -240,9 +240,9 @@ static int64_t last_dim(const XLA_FFI_Buffer* b) { return b->rank ? b->dims[b->r
 
 XLA_FFI_Error* jqlora_nf4_dequantize(XLA_FFI_CallFrame* call) {
   /* XLA asks for the handler's metadata first: report the API version we were built with. */
-  XLA_FFI_Extension_Base* ext = call->extension_start;
-  if (ext && ext->type == XLA_FFI_Extension_Metadata) {
-    XLA_FFI_Metadata* meta = ((XLA_FFI_Metadata_Extension*)ext)->metadata;
+  /* (The extension's type name changed between XLA versions; its layout did not.) */
+  if (call->extension_start && call->extension_start->type == XLA_FFI_Extension_Metadata) {
+    XLA_FFI_Metadata* meta = ((XLA_FFI_Metadata_Extension*)call->extension_start)->metadata;
     meta->api_version.major_version = XLA_FFI_API_MAJOR;
     meta->api_version.minor_version = XLA_FFI_API_MINOR;
     meta->traits = 0;
