@@ -24,6 +24,7 @@ import importlib.util
 import logging
 import os
 import pathlib
+import platform
 import shlex
 import shutil
 import subprocess
@@ -75,7 +76,8 @@ def build(compiler: list[str] | None = None) -> pathlib.Path:
   include = pathlib.Path(jax.ffi.include_dir())
   key = hashlib.sha256()
   for part in (_SOURCE.read_bytes(), (include / "xla/ffi/api/c_api.h").read_bytes(),
-               " ".join(compiler).encode(), " ".join(_FLAGS).encode(), sys.platform.encode()):
+               " ".join(compiler).encode(), " ".join(_FLAGS).encode(),
+               f"{sys.platform} {platform.machine()}".encode()):  # a home shared across machines
     key.update(part)
   library = cache_dir() / f"nf4_dequantize-{key.hexdigest()[:16]}.so"
   if library.exists():
