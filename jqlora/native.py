@@ -94,8 +94,8 @@ def build(compiler: list[str] | None = None) -> pathlib.Path:
 
 
 @functools.cache
-def _library() -> ctypes.CDLL | None:
-  """Builds, loads and registers the kernel once per process; None if that fails."""
+def _load() -> tuple[ctypes.CDLL | None, str]:
+  """Builds, loads and registers the kernel once per process: (library, "") or (None, why)."""
   try:
     library = ctypes.CDLL(str(build()))
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(getattr(library, TARGET)),
@@ -104,8 +104,18 @@ def _library() -> ctypes.CDLL | None:
     # No compiler is a set-up choice; a failing build or load is a bug worth seeing.
     level = logging.INFO if _compiler() is None else logging.WARNING
     _log.log(level, "native NF4 kernel unavailable, using XLA: %s", error)
-    return None
+    return None, str(error)
   library.jqlora_nf4_isa.argtypes = [ctypes.c_int]
+  return library, ""
+
+
+def _library() -> ctypes.CDLL:
+  """The loaded kernel library; RuntimeError saying why when there is none."""
+  if os.environ.get("JQLORA_NATIVE", "1") == "0":
+    raise RuntimeError("the native NF4 kernel is disabled by JQLORA_NATIVE=0")
+  library, why = _load()
+  if library is None:
+    raise RuntimeError(f"the native NF4 kernel is unavailable here: {why}")
   return library
 
 
@@ -115,7 +125,7 @@ def available() -> bool:
   False with ``JQLORA_NATIVE=0`` or when it cannot be compiled (the reason is
   logged on ``jqlora.native``: INFO without a compiler, WARNING if a build failed).
   """
-  return os.environ.get("JQLORA_NATIVE", "1") != "0" and _library() is not None
+  return os.environ.get("JQLORA_NATIVE", "1") != "0" and _load()[0] is not None
 
 
 def isa(cap: int | None = None) -> int:
@@ -124,9 +134,10 @@ def isa(cap: int | None = None) -> int:
   Args:
     cap: if given, the widest path allowed from now on in this process (tests
       use it to run the narrower paths; 2 restores the default).
+
+  Raises:
+    RuntimeError: the kernel is unavailable here (the message says why).
   """
-  if not available():
-    raise RuntimeError("the native NF4 kernel is unavailable here")
   return int(_library().jqlora_nf4_isa(-1 if cap is None else cap))
 
 
@@ -151,9 +162,12 @@ def dequantize(packed: jax.Array, scales: jax.Array, table: np.ndarray, *, n: in
   Returns:
     ``dtype[..., n]``, each ``dtype(table[code] * scale)``. Works under ``jit``
     and ``vmap``.
+
+  Raises:
+    RuntimeError: the kernel is unavailable here (the message says why).
+    ValueError: ``dtype`` is neither float32 nor bfloat16.
   """
-  if not available():
-    raise RuntimeError("the native NF4 kernel is unavailable here (see jqlora.native.available)")
+  _library()  # raises, saying why, where the kernel is unavailable
   if jnp.dtype(dtype) not in DTYPES:
     raise ValueError(f"the native NF4 kernel writes float32 or bfloat16, not {jnp.dtype(dtype)}")
   out = jax.ShapeDtypeStruct((*packed.shape[:-1], n), jnp.dtype(dtype))

@@ -79,14 +79,17 @@ def test_special_scales_round_like_xla(isa):
 def test_jit_and_vmap(isa):
   x = np.random.default_rng(1).standard_normal((4, 48, 80)).astype(np.float32)
   stacked = jax.vmap(lambda w: jqlora.quantize_nf4(w, 64, True))(jnp.asarray(x))
-  for backend in ("native", "xla"):
-    fn = jax.jit(jax.vmap(lambda t, b=backend: jqlora.dequantize_nf4(t, jnp.bfloat16, backend=b)))
-    if backend == "native":
-      ours = fn(stacked)
-    else:
-      ref = fn(stacked)
+  decode = lambda backend: jax.jit(jax.vmap(
+      lambda t: jqlora.dequantize_nf4(t, jnp.bfloat16, backend=backend)))(stacked)
+  ours, ref = decode("native"), decode("xla")
   assert ours.shape == (4, 48, 80)
   np.testing.assert_array_equal(_bits(ours), _bits(ref))
+
+
+def test_kernel_rejects_operands_that_do_not_fit():
+  with pytest.raises(Exception, match="do not fit 200 outputs per item in blocks of 64"):
+    native.dequantize(jnp.zeros((100,), jnp.uint8), jnp.ones((3,)), jqlora.nf4.NF4_CODE,
+                      n=200, block_size=64, dtype=jnp.float32).block_until_ready()
 
 
 def test_default_backend_on_cpu(monkeypatch):
@@ -99,6 +102,8 @@ def test_default_backend_on_cpu(monkeypatch):
   monkeypatch.setenv("JQLORA_NATIVE", "0")
   assert not native.available()
   assert "ffi_call" not in str(jax.make_jaxpr(lambda t: jqlora.dequantize_nf4(t))(t))
+  with pytest.raises(RuntimeError, match="disabled by JQLORA_NATIVE=0"):
+    jqlora.dequantize_nf4(t, backend="native")
 
 
 def test_bad_backend_names_the_choices():

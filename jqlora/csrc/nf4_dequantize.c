@@ -19,6 +19,7 @@
 #include <pthread.h>
 #include <sched.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -61,6 +62,15 @@ static void decode_scalar(const Job* j, const uint8_t* packed, float s, void* ou
 }
 
 #ifdef JQ_X86
+/* The codes of 32 elements from 16 bytes, in element order: 16 per register. */
+static inline void split_codes(const uint8_t* bytes, __m128i* first, __m128i* second) {
+  const __m128i nibble = _mm_set1_epi8(0x0F);
+  __m128i b = _mm_loadu_si128((const __m128i*)bytes);
+  __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), nibble), lo = _mm_and_si128(b, nibble);
+  *first = _mm_unpacklo_epi8(hi, lo);
+  *second = _mm_unpackhi_epi8(hi, lo);
+}
+
 /* Each SIMD path first computes the block's 16 possible outputs, table[c] * s
  * rounded to the output dtype (the same float32 product and rounding as every
  * element would get), then only looks codes up in them, 32 elements per step. */
@@ -81,12 +91,9 @@ static void decode_avx512(const Job* j, const uint8_t* packed, float s, void* ou
                           int64_t start, int64_t count) {
   const __m512 values = _mm512_mul_ps(_mm512_loadu_ps(j->table), _mm512_set1_ps(s));
   const __m512i halves = _mm512_castsi256_si512(_mm512_cvtepi32_epi16(bf16_bits_avx512(values)));
-  const __m128i nibble = _mm_set1_epi8(0x0F);
   for (int64_t i = start; i < start + count; i += 32) {
-    __m128i bytes = _mm_loadu_si128((const __m128i*)(packed + (i >> 1)));
-    __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), nibble);
-    __m128i lo = _mm_and_si128(bytes, nibble);
-    __m128i first = _mm_unpacklo_epi8(hi, lo), second = _mm_unpackhi_epi8(hi, lo);
+    __m128i first, second;
+    split_codes(packed + (i >> 1), &first, &second);
     if (j->bf16) {
       __m512i codes = _mm512_cvtepu8_epi16(_mm256_set_m128i(second, first));
       _mm512_storeu_si512((uint16_t*)out + i, _mm512_permutexvar_epi16(codes, halves));
@@ -122,12 +129,9 @@ static void decode_avx2(const Job* j, const uint8_t* packed, float s, void* out,
   const __m128i byte = _mm_set1_epi16(0xFF);
   const __m128i low_bytes = _mm_packus_epi16(_mm_and_si128(a, byte), _mm_and_si128(b, byte));
   const __m128i high_bytes = _mm_packus_epi16(_mm_srli_epi16(a, 8), _mm_srli_epi16(b, 8));
-  const __m128i nibble = _mm_set1_epi8(0x0F);
   for (int64_t i = start; i < start + count; i += 32) {
-    __m128i bytes = _mm_loadu_si128((const __m128i*)(packed + (i >> 1)));
-    __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), nibble);
-    __m128i lo = _mm_and_si128(bytes, nibble);
-    __m128i codes[2] = {_mm_unpacklo_epi8(hi, lo), _mm_unpackhi_epi8(hi, lo)};
+    __m128i codes[2];
+    split_codes(packed + (i >> 1), &codes[0], &codes[1]);
     for (int h = 0; h < 2; ++h) {
       if (j->bf16) {
         __m128i l = _mm_shuffle_epi8(low_bytes, codes[h]), u = _mm_shuffle_epi8(high_bytes, codes[h]);
@@ -281,8 +285,14 @@ XLA_FFI_Error* jqlora_nf4_dequantize(XLA_FFI_CallFrame* call) {
   job.items = job.n ? elements(out) / job.n : 0;
   if (job.block_size < 32 || job.block_size % 32 || job.p * 2 < job.n ||
       job.nb * job.block_size < job.n || elements(packed) != job.items * job.p ||
-      elements(scales) != job.items * job.nb)
-    return fail(api, "jqlora_nf4_dequantize: operand shapes do not fit the block size");
+      elements(scales) != job.items * job.nb) {
+    char message[256]; /* copied by XLA */
+    snprintf(message, sizeof(message),
+             "jqlora_nf4_dequantize: %lld bytes and %lld scales per item do not fit %lld "
+             "outputs per item in blocks of %lld (a multiple of 32)",
+             (long long)job.p, (long long)job.nb, (long long)job.n, (long long)job.block_size);
+    return fail(api, message);
+  }
 
   int64_t blocks = job.items * job.nb;
   long cpus = sysconf(_SC_NPROCESSORS_ONLN);
