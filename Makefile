@@ -1,6 +1,7 @@
 # Two commands for a fresh machine (Python >= 3.11 and pip are all it needs):
 #   make demo   -- QLoRA fine-tune of the embedded SmolLM2-135M-Instruct, accuracy before/after
 #   make test   -- installs the reference stack (torch, peft, bitsandbytes) and runs the tests
+# Also: make test-fast (the suite less the `slow` tests), make lint (ruff + the import layers)
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -8,7 +9,7 @@ PIP := $(BIN)/python -m pip
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install install-test demo test bench clean
+.PHONY: install install-test demo test test-fast lint bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -35,10 +36,17 @@ demo: $(VENV)/.core
 test: $(VENV)/.test
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
+test-fast: $(VENV)/.test
+	$(BIN)/python -m pytest -q -m "not slow" -n 2 $(PYTEST_ARGS)
+
+lint: $(VENV)/.test
+	$(BIN)/ruff check jqlora pallas_kernels tests benchmarks scripts
+	$(BIN)/lint-imports
+
 bench: $(VENV)/.test
 	$(BIN)/python benchmarks/bench_nf4.py
 	$(BIN)/python benchmarks/bench_kernels.py
 	$(BIN)/python benchmarks/compare_torch.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .hypothesis .ruff_cache .import_linter_cache

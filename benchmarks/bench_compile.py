@@ -23,8 +23,7 @@ import optax
 from flax import nnx
 
 import jqlora
-from jqlora.io.source import DictSource
-from jqlora.models import LlamaConfig, build_model
+from jqlora.models import DictSource, LlamaConfig, build_model
 
 RESULTS = pathlib.Path(__file__).parent / "results" / "bench_compile.json"
 

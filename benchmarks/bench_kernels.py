@@ -23,8 +23,8 @@ import time
 import jax
 import jax.numpy as jnp
 
-from jqlora.nf4 import dequantize_nf4, quantize_nf4
-from jqlora.ops import nf4_matmul
+from jqlora.format import quantize_nf4
+from jqlora.ops import dequantize_nf4, nf4_matmul
 
 SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008))
 M_VALUES = (1, 4, 16, 64, 512, 4096)

@@ -120,8 +120,8 @@ def child(folder: str) -> None:
   from flax import nnx
 
   import jqlora
-  import jqlora.models  # noqa: F401  (imported by load_model; counted in the baseline)
-  from jqlora.loading import load_model
+  import jqlora.models
+  from jqlora.io.loading import load_model
 
   jax.block_until_ready(jqlora.quantize_nf4(jnp.ones((64, 64), jnp.bfloat16)).packed)
   baseline = _current_rss_bytes()

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jqlora
-import jqlora.native
+import jqlora.kernels.native
 
 # 2048x4096 (16 MiB in bf16) stays under the mmap threshold: no page faults, the lookup shows.
 SHAPES = [(4096, 4096), (4096, 11008), (2048, 4096)]
@@ -82,7 +82,7 @@ def bench_shape(shape, dtype: str, repeats: int) -> list[dict]:
       ("dequantize", "xla"): lambda: jax.block_until_ready(dequantize_xla(t)),
       ("dequantize", "fresh_output"): lambda: jax.block_until_ready(fill(scalar)),
   }
-  if jqlora.native.usable(dtype):
+  if jqlora.kernels.native.usable(dtype):
     runs[("dequantize", "no_thp")] = _without_huge_pages(runs[("dequantize", "jqlora")])
   seconds = {}
   for op in ("quantize", "dequantize"):
@@ -97,7 +97,7 @@ def bench_shape(shape, dtype: str, repeats: int) -> list[dict]:
         "jqlora_gelem_s": n / ours / 1e9, "bitsandbytes_gelem_s": n / theirs / 1e9,
         "speedup": theirs / ours,
     })
-  rows[-1]["path"] = "native" if jqlora.native.usable(dtype) else "xla"
+  rows[-1]["path"] = "native" if jqlora.kernels.native.usable(dtype) else "xla"
   rows[-1]["xla_ms"] = seconds[("dequantize", "xla")] * 1e3
   rows[-1]["native_no_thp_ms"] = seconds.get(("dequantize", "no_thp"), float("nan")) * 1e3
   rows[-1]["fresh_output_ms"] = seconds[("dequantize", "fresh_output")] * 1e3

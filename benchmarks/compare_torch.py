@@ -169,8 +169,8 @@ def _own_quantization(stored, path: str, dtype, batch: dict) -> dict:
   import jax.numpy as jnp
 
   import jqlora
-  from jqlora.loading import open_source
-  from jqlora.models.llama import LINEARS
+  from jqlora.io.loading import open_source
+  from jqlora.models.config import LINEARS
   from jqlora.training import eval_loss_sums
 
   own = jqlora.load_model(path, quantize=True, dtype=dtype, progress=False)
@@ -209,7 +209,6 @@ def _tensor_files(folder: pathlib.Path) -> dict[str, pathlib.Path]:
 def _bnb_nf4_mae(model, folder: pathlib.Path) -> float:
   """Mean |dequantize(W) - W| over every bitsandbytes 4-bit linear of ``model``."""
   import bitsandbytes as bnb
-  import torch
   from safetensors import safe_open
 
   files = _tensor_files(folder)
@@ -398,7 +397,7 @@ def compare(s: Setting, workdir: pathlib.Path, env: dict, gpu: bool) -> dict:
             "gpu": gpu, "adapter_dir": str(folder / "adapter"), "torch_path": str(folder / "hf"),
             "nf4_path": str(folder / "hf-bnb-nf4")}
   if s.model == SMOLLM2:
-    from jqlora.loading import DEFAULT_MODEL, default_model_path
+    from jqlora.io.loading import DEFAULT_MODEL, default_model_path
     common["jqlora_path"] = DEFAULT_MODEL
     _run_child({**common, "kind": "export", "gguf": str(default_model_path())}, folder, env)
   else:
@@ -422,7 +421,7 @@ def markdown(report: dict) -> str:
   """The results as markdown tables: per stack, then the targets."""
   m = report["machine"]
   where = m.get("gpu_name") or f"{m['cpu']}, {m['cpus']} cores, {m['memory_gib']} GiB"
-  lines = [f"# jqlora vs PyTorch (peft + bitsandbytes): QLoRA training", "",
+  lines = ["# jqlora vs PyTorch (peft + bitsandbytes): QLoRA training", "",
            f"Machine: {where} ({m['platform']}); "
            + ", ".join(f"{k} {v}" for k, v in m["versions"].items()) + ".", ""]
   mem_name = "peak GPU memory" if m["gpu"] else "peak RSS"

@@ -24,7 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 import jqlora
-from jqlora import loading
+from jqlora.io import loading
 
 
 def compare(weights: dict[str, np.ndarray], threads: int) -> dict:

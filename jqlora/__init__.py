@@ -5,7 +5,10 @@ adapters as Flax NNX modules, Pallas GPU kernels, optax-masked training and
 PEFT/transformers interop both ways.
 
 The public names are re-exported here and imported on first use, so that
-``import jqlora`` stays fast and a CLI call loads only what it needs.
+``import jqlora`` stays fast and a CLI call loads only what it needs. The package
+is layered, each layer importing only those below it (checked in CI):
+format -> kernels (and ``pallas_kernels``) -> ops -> nn -> models -> parallel ->
+io -> generate -> training -> plan -> cli.
 """
 
 from __future__ import annotations
@@ -17,24 +20,30 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it
 _EXPORTS = {
-    "NF4Tensor": "jqlora.nf4",
-    "quantize_nf4": "jqlora.nf4",
-    "dequantize_nf4": "jqlora.nf4",
+    "NF4Tensor": "jqlora.format",
+    "quantize_nf4": "jqlora.format",
+    "dequantize_nf4": "jqlora.ops",
     "nf4_matmul": "jqlora.ops",
-    "LoraConfig": "jqlora.lora",
-    "apply_lora": "jqlora.surgery",
-    "merge_lora": "jqlora.surgery",
-    "unmerge_lora": "jqlora.surgery",
-    "trainable_params": "jqlora.surgery",
-    "DEFAULT_MODEL": "jqlora.loading",
-    "load_model": "jqlora.loading",
-    "load_tokenizer": "jqlora.loading",
-    "save_adapter": "jqlora.io.peft",
-    "load_adapter": "jqlora.io.peft",
+    "LoraConfig": "jqlora.nn",
+    "apply_lora": "jqlora.nn",
+    "merge_lora": "jqlora.nn",
+    "unmerge_lora": "jqlora.nn",
+    "trainable_params": "jqlora.nn",
+    "DEFAULT_MODEL": "jqlora.io",
+    "load_model": "jqlora.io",
+    "load_tokenizer": "jqlora.io",
+    "save_adapter": "jqlora.io",
+    "load_adapter": "jqlora.io",
     "make_optimizer": "jqlora.training",
     "train_step": "jqlora.training",
 }
-_SUBMODULES = ("nn", "models", "training", "io", "ops", "nf4", "lora")
+# the layers, bottom to top (see pyproject.toml's import-linter contract), by attribute
+_SUBMODULES = {"format": "jqlora.format", "kernels": "jqlora.kernels", "ops": "jqlora.ops",
+               "nn": "jqlora.nn", "models": "jqlora.models", "parallel": "jqlora.parallel",
+               "io": "jqlora.io", "generate": "jqlora.generate", "training": "jqlora.training",
+               "plan": "jqlora.plan", "cli": "jqlora.cli",
+               # the format's and the modules' own files, as before the layering
+               "nf4": "jqlora.format.nf4", "lora": "jqlora.nn.lora"}
 
 __all__ = sorted(_EXPORTS) + list(_SUBMODULES)
 
@@ -45,7 +54,7 @@ def __getattr__(name: str) -> Any:
     globals()[name] = value
     return value
   if name in _SUBMODULES:
-    return importlib.import_module(f"jqlora.{name}")
+    return importlib.import_module(_SUBMODULES[name])
   raise AttributeError(f"module 'jqlora' has no attribute {name!r}")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import pathlib
 import sys
@@ -18,7 +19,7 @@ def _default_dtype() -> str:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-  from jqlora.config import load_config, parse_overrides
+  from jqlora.training.config import load_config, parse_overrides
   from jqlora.training.loop import train
 
   config = load_config(args.config, parse_overrides(args.overrides))
@@ -29,19 +30,19 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _load(model: str, adapter: str | None, *, quantize: bool, dtype: str):
   import jax.numpy as jnp
 
-  import jqlora
+  from jqlora.io import load_adapter, load_model
 
-  m = jqlora.load_model(model, quantize=quantize, dtype=jnp.dtype(dtype))
+  m = load_model(model, quantize=quantize, dtype=jnp.dtype(dtype))
   if adapter:
-    jqlora.load_adapter(m, adapter)
+    load_adapter(m, adapter)
   return m
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-  import jqlora
   from jqlora.generate import generate
+  from jqlora.io import load_tokenizer
 
-  tokenizer = jqlora.load_tokenizer(args.model)
+  tokenizer = load_tokenizer(args.model)
   model = _load(args.model, args.adapter, quantize=not args.no_quantize,
                 dtype=args.dtype or _default_dtype())
   model.eval()
@@ -63,25 +64,17 @@ def export(model_path: str, adapter: str, out: str | pathlib.Path, *, merged: bo
       (float32 ``model.safetensors`` + ``config.json``, and the tokenizer when
       it can be saved) instead of the adapter alone.
   """
-  import jqlora
+  from jqlora.io import load_tokenizer, save_adapter, save_merged
 
-  out = pathlib.Path(out)
   model = _load(model_path, adapter, quantize=not merged, dtype="float32")
   if not merged:
-    jqlora.save_adapter(model, out)
+    save_adapter(model, out)
     return
-  from safetensors.numpy import save_file
-
-  from jqlora.models import export_hf_state_dict
-
-  out.mkdir(parents=True, exist_ok=True)
-  tensors = dict(export_hf_state_dict(model))
-  save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-  (out / "config.json").write_text(json.dumps(model.config.to_hf(), indent=2))
   try:
-    jqlora.load_tokenizer(model_path).save_pretrained(out)
+    tokenizer = load_tokenizer(model_path)
   except (OSError, ValueError):
-    pass  # a base without tokenizer files: weights and config are the export
+    tokenizer = None  # a base without tokenizer files: weights and config are the export
+  save_merged(model, out, tokenizer)
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -127,19 +120,57 @@ def _parser() -> argparse.ArgumentParser:
   return p
 
 
+def _plan_main(argv: Sequence[str]) -> int:
+  """``jqlora plan --model M --devices N --memory-per-device 48GiB --batch B --seq L``."""
+  from jqlora.plan import PRESETS, budget, format_plan, plan
+
+  ap = argparse.ArgumentParser(prog="jqlora plan", description=budget.__doc__.splitlines()[0])
+  ap.add_argument("--model", required=True,
+                  help=f"checkpoint folder, config.json, .gguf or preset ({', '.join(PRESETS)})")
+  ap.add_argument("--devices", type=int, default=1)
+  ap.add_argument("--memory-per-device", default=None, help="e.g. 48GiB, 80GB")
+  ap.add_argument("--batch", type=int, default=1)
+  ap.add_argument("--seq", type=int, default=512)
+  ap.add_argument("--lora-r", type=int, default=16)
+  ap.add_argument("--target-modules", default="all-linear",
+                  help="'all-linear' or comma-separated names (q_proj,v_proj)")
+  ap.add_argument("--data", type=int, default=None)
+  ap.add_argument("--fsdp", type=int, default=None)
+  ap.add_argument("--tensor", type=int, default=1)
+  ap.add_argument("--no-checkpointing", action="store_true")
+  ap.add_argument("--dtype", default="bfloat16", choices=sorted(budget.DTYPE_BYTES))
+  ap.add_argument("--optimizer-offload", action="store_true",
+                  help="Adam moments on the host (QLoRA's paged optimizer)")
+  ap.add_argument("--json", action="store_true", help="print the plan as JSON")
+  args = ap.parse_args(argv)
+  targets = args.target_modules if args.target_modules == "all-linear" else \
+      [t.strip() for t in args.target_modules.split(",") if t.strip()]
+  try:
+    p = plan(args.model, devices=args.devices, memory_per_device=args.memory_per_device,
+             batch=args.batch, seq=args.seq, lora_r=args.lora_r, target_modules=targets,
+             data=args.data, fsdp=args.fsdp, tensor=args.tensor,
+             checkpointing=not args.no_checkpointing, dtype=args.dtype,
+             optimizer_offload=args.optimizer_offload)
+  except (ValueError, FileNotFoundError) as e:
+    ap.error(str(e))
+  if args.json:
+    print(json.dumps({**dataclasses.asdict(p), "total": p.total, "fits": p.fits}))
+  else:
+    print(format_plan(p))
+  return 0 if p.fits else 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   """Entry point of the ``jqlora`` command; user errors print one line and exit 2.
 
-  ``jqlora plan …`` is ``jqlora.plan.main``: exit 0 when it fits, 1 when not.
+  ``jqlora plan …`` exits 0 when the run fits, 1 when not.
   """
-  from jqlora.config import ConfigError
+  from jqlora.training.config import ConfigError
   from jqlora.training.data import DataError
 
   argv = list(sys.argv[1:] if argv is None else argv)
   if argv[:1] == ["plan"]:
-    from jqlora.plan import main as plan_main
-
-    return plan_main(argv[1:])
+    return _plan_main(argv[1:])
   args = _parser().parse_args(argv)
   try:
     return args.fn(args)

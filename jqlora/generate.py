@@ -4,7 +4,7 @@ Prompts of different lengths are left-padded; padding gets segment id 0 so no
 real token attends to it, and each row's positions start at 0 on its first
 real token. Prefill and every decoding step run in one compiled function.
 
-A model sharded over a mesh (``jqlora.sharding.shard_model``) decodes on that
+A model sharded over a mesh (``jqlora.parallel.shard_model``) decodes on that
 mesh: the prompts are replicated on it and the generated tokens come back
 replicated. With ``jax.distributed`` every process calls ``generate`` with the
 same prompts in the same order (the compiled function runs in lockstep) and
@@ -21,12 +21,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from jqlora import sharding
-from jqlora.training.data import render_prompt
+from jqlora.parallel import replicate
 
-__all__ = ["generate", "generate_ids", "stop_token_ids"]
+__all__ = ["generate", "generate_ids", "stop_token_ids", "render_prompt"]
+
+#: The prompt of an alpaca record, for tokenizers without a chat template.
+_ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n{input}### Response:\n"
 
 _END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
 
@@ -36,6 +39,15 @@ def stop_token_ids(tokenizer: Any) -> list[int]:
   vocab = tokenizer.get_vocab()
   ids = {tokenizer.eos_token_id} | {vocab[t] for t in _END_OF_TURN if t in vocab}
   return sorted(i for i in ids if i is not None)
+
+
+def render_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
+  """The text that asks the model for the next assistant turn after ``messages``."""
+  if getattr(tokenizer, "chat_template", None):
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+  user = messages[-1]["content"]
+  instruction, _, extra = user.partition("\n\n")
+  return _ALPACA_PROMPT.format(instruction=instruction, input=f"### Input:\n{extra}\n\n" if extra else "")
 
 
 def _sample(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax.Array) -> jax.Array:
@@ -123,7 +135,7 @@ def generate_ids(model: nnx.Module, prompts: Sequence[Sequence[int]], *, max_new
   mesh, replicated = _mesh(state), None
   if mesh is not None:  # global arrays, the same on every process
     replicated = NamedSharding(mesh, P())
-    args = sharding.replicate(args, mesh)
+    args = replicate(args, mesh)
   # one device, or replicated: every process reads its first local copy
   tokens = np.asarray(_generate(graphdef, max_new_tokens, replicated, state, *args)
                       .addressable_data(0))

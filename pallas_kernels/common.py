@@ -17,7 +17,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jqlora.nf4 import DYNAMIC_MAP_SIGNED, NESTED_BLOCK_SIZE, NF4_CODE, NF4Tensor
+from jqlora.format import DYNAMIC_MAP_SIGNED, NESTED_BLOCK_SIZE, NF4_CODE, NF4Tensor
+
+__all__ = ["FLOAT_DTYPES", "ScaleOperands", "scale_operands", "nf4_table", "rounded_product",
+           "load_scales", "decode_nibbles", "widen_rounded", "pow2_divisor", "next_pow2",
+           "check_float_dtype"]
 
 #: Floating dtypes the kernels read and write.
 FLOAT_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jqlora.nf4 import NF4Tensor, quantize_nf4
+from jqlora.format import NF4Tensor, quantize_nf4
+
+__all__ = ["SHAPES", "M_VALUES", "DTYPES", "TARGET_GPU", "INTERPRET", "KERNEL_BACKEND",
+           "make_weight", "make_activations", "float32_sum_bound", "lower_for_cuda"]
 
 #: ``[out, in]`` weight shapes: powers of two and non-power-of-two multiples of 64.
 SHAPES = ((64, 128), (192, 320), (48, 192))
@@ -19,7 +22,7 @@ M_VALUES = (1, 2, 3, 8, 64, 256)
 DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def make_weight(shape: tuple[int, ...], double_quant: bool = True, seed: int = 0,
                 block_size: int = 64) -> NF4Tensor:
   """NF4 quantization of a float32 normal array of ``shape`` (scaled by 2); cached."""
@@ -43,6 +46,12 @@ def float32_sum_bound(a, b, want, k: int) -> np.ndarray:
   eps_out = float(jnp.finfo(want.dtype).eps)
   return accumulation + eps_out * (np.abs(np.asarray(want, np.float64)) + accumulation)
 
+
+#: Whether kernel tests run the kernels in the Pallas interpreter: everywhere but on a GPU,
+#: so the same case lists run compiled on a GPU machine.
+INTERPRET = jax.default_backend() != "gpu"
+#: The ``jqlora.ops`` backend that runs the Pallas kernels here ("interpret" or "pallas").
+KERNEL_BACKEND = "interpret" if INTERPRET else "pallas"
 
 #: The GPU the lowering tests target when no GPU is present (Triton reads its compute capability).
 TARGET_GPU = jax.sharding.AbstractDevice(device_kind="NVIDIA H200", num_cores=None, platform="gpu")

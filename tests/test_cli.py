@@ -6,10 +6,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import yaml
+from training.toy import tiny_model_dir, write_reverse_task
 
 import jqlora
 from jqlora.cli import main
-from training.toy import tiny_model_dir, write_reverse_task
+from jqlora.plan import PRESETS
+
+pytestmark = pytest.mark.slow  # trains through the CLI, one run on 8 devices in a subprocess
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +176,7 @@ def test_mesh_errors_name_the_devices_tensor_and_axis_in_one_line(mesh_runs):
 
 
 def test_mesh_keys_nested_or_dotted_and_bad_values(trained, capsys):
-  from jqlora.config import load_config, parse_overrides
+  from jqlora.training.config import load_config, parse_overrides
 
   tmp, _, cfg = trained
   nested = tmp / "nested.yaml"
@@ -205,3 +208,16 @@ def test_plan_command_exits_0_when_it_fits_and_1_when_not(capsys):
   with pytest.raises(SystemExit) as e:
     main(["plan", "--model", "llama-7b", "--memory-per-device", "lots"])
   assert e.value.code == 2 and "memory size 'lots'" in capsys.readouterr().err
+
+
+def test_plan_prints_the_table_and_exits_1_when_it_does_not_fit(capsys, tmp_path):
+  assert main(["plan", "--model", "llama-65b", "--devices", "1", "--memory-per-device", "48GiB",
+               "--batch", "1", "--seq", "512", "--lora-r", "64"]) == 0
+  out = capsys.readouterr().out
+  assert "NF4 weights (codes)" in out and "fits" in out and "NOT" not in out
+  config = tmp_path / "config.json"
+  config.write_text(json.dumps(PRESETS["llama-7b"]))
+  assert main(["plan", "--model", str(config), "--memory-per-device", "4GB", "--json"]) == 1
+  assert json.loads(capsys.readouterr().out)["fits"] is False
+  with pytest.raises(SystemExit):
+    main(["plan", "--model", "llama-7b", "--memory-per-device", "lots"])

@@ -12,6 +12,10 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.slow  # runs the benchmark's stacks in subprocesses
+
 SCRIPT = pathlib.Path(__file__).parents[1] / "benchmarks" / "compare_torch.py"
 STACKS = ("jqlora-qlora", "jqlora-lora", "peft-bnb", "peft-lora")
 

@@ -18,6 +18,8 @@ import pytest
 import jqlora
 from jqlora.generate import generate, generate_ids
 
+pytestmark = pytest.mark.slow  # decodes the default model; a subprocess on 8 devices
+
 
 @pytest.fixture(scope="module")
 def model(data_dir):
@@ -72,13 +74,13 @@ def _sharded_worker(model_dir: pathlib.Path) -> dict:
   import jax
   from flax import nnx
 
-  from jqlora import sharding
+  from jqlora import parallel
 
   assert len(jax.devices()) == 8, jax.devices()
   model = jqlora.load_model(model_dir, quantize=True, dtype=jnp.float32, progress=False)
   jqlora.apply_lora(model, jqlora.LoraConfig(r=8), rngs=nnx.Rngs(0))
   rng = np.random.default_rng(0)
-  for _, m in jqlora.surgery.lora_modules(model):  # B = 0 would leave the adapters unused
+  for _, m in jqlora.nn.lora_modules(model):  # B = 0 would leave the adapters unused
     m.lora_b.set_value(jnp.asarray(0.05 * rng.normal(size=m.lora_b.get_value().shape),
                                    jnp.float32))
   model.eval()
@@ -91,9 +93,9 @@ def _sharded_worker(model_dir: pathlib.Path) -> dict:
     return {"greedy": greedy, "sampled": sampled}
 
   out = {"single": run()}
-  sharding.shard_model(model, sharding.make_mesh(data=2, fsdp=2, tensor=2))
+  parallel.shard_model(model, parallel.make_mesh(data=2, fsdp=2, tensor=2))
   q = model.layers.self_attn.q_proj
-  out["weight_shards"] = sorted(sharding.shard_shapes(q.weight.get_value().packed))
+  out["weight_shards"] = sorted(parallel.shard_shapes(q.weight.get_value().packed))
   out["sharded"] = run()
   return out
 

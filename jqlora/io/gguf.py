@@ -17,7 +17,7 @@ from typing import Any
 import gguf
 import numpy as np
 
-from jqlora.nf4 import NF4Tensor
+from jqlora.format import NF4Tensor
 
 __all__ = ["GGUFSource", "SUPPORTED_ARCHITECTURES"]
 

@@ -27,8 +27,16 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import gguf
-from tokenizers import (AddedToken, Regex, Tokenizer, decoders, models, normalizers,
-                        pre_tokenizers, processors)
+from tokenizers import (
+  AddedToken,
+  Regex,
+  Tokenizer,
+  decoders,
+  models,
+  normalizers,
+  pre_tokenizers,
+  processors,
+)
 from transformers import PreTrainedTokenizerFast
 
 from jqlora.io.gguf import GGUFSource

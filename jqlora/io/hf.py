@@ -23,7 +23,13 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from jqlora.nf4 import DYNAMIC_MAP_SIGNED, NESTED_BLOCK_SIZE, NF4_CODE, NF4Tensor, dequantize_nf4
+from jqlora.format import (
+  DYNAMIC_MAP_SIGNED,
+  NESTED_BLOCK_SIZE,
+  NF4_CODE,
+  NF4Tensor,
+  dequantize_reference,
+)
 
 __all__ = ["HFSource", "SafetensorsFile", "read_json", "refuse_pickle", "PICKLE_SUFFIXES"]
 
@@ -240,7 +246,7 @@ class HFSource:
     """
     t = self.get_nf4(name)
     if t is not None:
-      return np.asarray(dequantize_nf4(t))
+      return np.asarray(dequantize_reference(t))
     return self._read(name)
 
   def get_nf4(self, name: str) -> NF4Tensor | None:

@@ -19,9 +19,8 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-from jqlora import lora as lora_lib
-from jqlora.nn import Linear, LoRALinear
-from jqlora.surgery import apply_lora, lora_modules, module_names
+from jqlora.nn import Linear, LoRALinear, apply_lora, lora_modules, module_names
+from jqlora.nn import lora as lora_lib
 
 __all__ = ["save_adapter", "load_adapter", "CONFIG_NAME", "WEIGHTS_NAME"]
 

@@ -1,8 +1,20 @@
-"""Training: adapter-only optimizers, the compiled step, data, checkpoints and the loop."""
+"""The training layer: adapter-only optimizers, the compiled step, data, checkpoints, the loop.
 
+``jqlora.training.config`` holds the run's settings (``TrainConfig``); the loop
+reads that one object and never the CLI.
+"""
+
+from jqlora.training.batch import IGNORE_INDEX, Batch
 from jqlora.training.optim import make_optimizer, make_schedule, make_tx
-from jqlora.training.step import (IGNORE_INDEX, PMAP_AXIS, chunked_token_loss_sums,
-                                  eval_loss_sums, pmap_train_step, token_loss_sums, train_step)
+from jqlora.training.step import (
+                                  PMAP_AXIS,
+                                  chunked_token_loss_sums,
+                                  eval_loss_sums,
+                                  pmap_train_step,
+                                  token_loss_sums,
+                                  train_step,
+)
 
-__all__ = ["IGNORE_INDEX", "PMAP_AXIS", "chunked_token_loss_sums", "eval_loss_sums", "make_optimizer", "make_schedule",
-           "make_tx", "pmap_train_step", "token_loss_sums", "train_step"]
+__all__ = ["IGNORE_INDEX", "PMAP_AXIS", "Batch", "chunked_token_loss_sums", "eval_loss_sums",
+           "make_optimizer", "make_schedule", "make_tx", "pmap_train_step", "token_loss_sums",
+           "train_step"]

@@ -17,15 +17,13 @@ from typing import Any
 
 import numpy as np
 
-from jqlora.training.step import IGNORE_INDEX
+from jqlora.generate import render_prompt
+from jqlora.training.batch import IGNORE_INDEX
 
 __all__ = ["DataError", "Example", "read_jsonl", "detect_format", "to_messages", "encode",
-           "Dataset", "load_dataset", "render_prompt", "BatchIterator", "eval_batches"]
+           "Dataset", "load_dataset", "BatchIterator", "eval_batches"]
 
 FORMATS = ("alpaca", "chat", "text")
-_ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n{input}### Response:\n"
-
-
 class DataError(ValueError):
   """A dataset that cannot be used (message names the file and line)."""
 
@@ -109,15 +107,6 @@ def to_messages(record: dict[str, Any], fmt: str) -> list[dict[str, str]]:
   return [{"role": "user", "content": user}, {"role": "assistant", "content": record["output"]}]
 
 
-def render_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
-  """The text that asks the model for the next assistant turn after ``messages``."""
-  if getattr(tokenizer, "chat_template", None):
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-  user = messages[-1]["content"]
-  instruction, _, extra = user.partition("\n\n")
-  return _ALPACA_PROMPT.format(instruction=instruction, input=f"### Input:\n{extra}\n\n" if extra else "")
-
-
 def _chat_example(tokenizer: Any, messages: list[dict[str, str]], where: str):
   """Token ids and a per-token target mask: assistant contents and their end of turn."""
   render = lambda msgs, gen: tokenizer.apply_chat_template(msgs, tokenize=False,
@@ -187,7 +176,7 @@ class Dataset:
   examples: list[Example]
   n_truncated: int = 0
 
-  def split(self, n_held_out: int, seed: int) -> tuple["Dataset", "Dataset"]:
+  def split(self, n_held_out: int, seed: int) -> tuple[Dataset, Dataset]:
     """``(rest, held_out)``: ``n_held_out`` records drawn with ``seed``."""
     if not 0 < n_held_out < len(self.records):
       raise DataError(f"{self.path}: cannot hold out {n_held_out} of {len(self.records)} examples")

@@ -8,6 +8,7 @@ from typing import Any
 
 from flax import nnx
 
+from jqlora.generate import generate
 from jqlora.training.data import Dataset, Example, eval_batches, to_messages
 from jqlora.training.step import eval_loss_sums
 
@@ -47,7 +48,6 @@ def exact_match(model: nnx.Module, tokenizer: Any, dataset: Dataset, *, batch_si
   Returns:
     ``(accuracy in [0, 1], [(prompt, reference, answer), …])`` in dataset order.
   """
-  from jqlora.generate import generate  # local: the CLI's train path imports it only here
 
   if dataset.fmt == "text":
     raise ValueError(f"{dataset.path}: exact-match evaluation needs alpaca or chat records")

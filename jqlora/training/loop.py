@@ -3,7 +3,7 @@
 Scale-out follows the config: ``distributed.*`` (or the environment) starts
 ``jax.distributed`` for multi-process runs, and a ``mesh.*`` other than
 1 x 1 x 1 shards the model, optimizer state and batches over a
-``(data, fsdp, tensor)`` mesh of all devices (``jqlora.sharding``); the step is
+``(data, fsdp, tensor)`` mesh of all devices (``jqlora.parallel``); the step is
 the same ``train_step``. Every process builds the same global batches and
 keeps its own rows; only process 0 prints, writes metrics and the adapter.
 Held-out exact match decodes on the same mesh: every process generates the
@@ -27,10 +27,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jqlora import sharding
-from jqlora.config import ConfigError, TrainConfig
-from jqlora.training import distributed
+from jqlora import parallel
+from jqlora.io import load_model, load_tokenizer, save_adapter
+from jqlora.nn import LoraConfig, apply_lora, merge_lora, trainable_params
+from jqlora.parallel import distributed
 from jqlora.training.checkpoint import Checkpointer
+from jqlora.training.config import ConfigError, TrainConfig
 from jqlora.training.data import BatchIterator, Dataset, load_dataset
 from jqlora.training.evaluate import eval_loss, exact_match
 from jqlora.training.optim import make_optimizer, make_schedule, make_tx
@@ -57,7 +59,7 @@ class _Run:
   schedule: Any
   total_steps: int
   pad_id: int
-  mesh: jax.sharding.Mesh | None
+  mesh: jax.parallel.Mesh | None
 
 
 def _datasets(config: TrainConfig, tokenizer: Any) -> tuple[Dataset, Dataset | None]:
@@ -73,7 +75,7 @@ def _datasets(config: TrainConfig, tokenizer: Any) -> tuple[Dataset, Dataset | N
   return train_set, None
 
 
-def _mesh(config: TrainConfig) -> jax.sharding.Mesh | None:
+def _mesh(config: TrainConfig) -> jax.parallel.Mesh | None:
   """The run's mesh; None for the default 1 x 1 x 1 in one process (unsharded, one device).
 
   Raises:
@@ -84,7 +86,7 @@ def _mesh(config: TrainConfig) -> jax.sharding.Mesh | None:
   if m.size == 1 and jax.process_count() == 1:
     return None
   try:
-    mesh = sharding.make_mesh(m.data, m.fsdp, m.tensor)
+    mesh = parallel.make_mesh(m.data, m.fsdp, m.tensor)
   except ValueError as e:
     raise ConfigError(f"{e} (of {jax.process_count()} process(es))") from None
   rows = m.data * m.fsdp
@@ -95,28 +97,27 @@ def _mesh(config: TrainConfig) -> jax.sharding.Mesh | None:
   return mesh
 
 
-def _shard(model_or_optimizer: Any, mesh: jax.sharding.Mesh | None) -> None:
+def _shard(model_or_optimizer: Any, mesh: jax.parallel.Mesh | None) -> None:
   if mesh is None:
     return
   try:
-    sharding.partition_specs(model_or_optimizer, mesh)
+    parallel.partition_specs(model_or_optimizer, mesh)
   except ValueError as e:  # a dimension not divisible by its mesh axis
     raise ConfigError(str(e)) from None
-  sharding.shard_model(model_or_optimizer, mesh)
+  parallel.shard_model(model_or_optimizer, mesh)
 
 
-def _setup(config: TrainConfig, mesh: jax.sharding.Mesh | None = None) -> _Run:
-  import jqlora  # local: keeps `import jqlora.training` light
+def _setup(config: TrainConfig, mesh: jax.parallel.Mesh | None = None) -> _Run:
 
-  tokenizer = jqlora.load_tokenizer(config.base_model)
+  tokenizer = load_tokenizer(config.base_model)
   pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
   train_set, eval_set = _datasets(config, tokenizer)
-  model = jqlora.load_model(config.base_model, quantize=config.load_in_4bit,
+  model = load_model(config.base_model, quantize=config.load_in_4bit,
                             dtype=jnp.dtype(config.dtype))
-  lora = jqlora.LoraConfig(r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
+  lora = LoraConfig(r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
                            target_modules=config.lora_target_modules, use_rslora=config.use_rslora,
                            use_dora=config.use_dora)
-  jqlora.apply_lora(model, lora, rngs=nnx.Rngs(config.seed))
+  apply_lora(model, lora, rngs=nnx.Rngs(config.seed))
   model.remat = config.gradient_checkpointing
   model.loss_chunk_size = config.loss_chunk_size
   _shard(model, mesh)
@@ -135,10 +136,9 @@ def _setup(config: TrainConfig, mesh: jax.sharding.Mesh | None = None) -> _Run:
 
 
 def _banner(run: _Run, out: TextIO) -> None:
-  import jqlora
 
   c = run.config
-  trainable, total, percent = jqlora.trainable_params(run.model, verbose=False)
+  trainable, total, percent = trainable_params(run.model, verbose=False)
   held = f", {len(run.eval_set.records)} held out" if run.eval_set else ""
   print(f"jqlora train: {c.base_model} ({'NF4' if c.load_in_4bit else 'full-precision'} base, "
         f"{c.dtype} compute), LoRA r={c.lora_r} alpha={c.lora_alpha:g} on {c.lora_target_modules}",
@@ -159,13 +159,12 @@ def _banner(run: _Run, out: TextIO) -> None:
 
 
 def _accuracy(run: _Run, label: str, out: TextIO) -> float:
-  import jqlora
 
   c = run.config
   run.model.eval()
   t = time.perf_counter()
   # NF4 decoding dequantizes every weight per token; a merged float copy does it once
-  model = jqlora.merge_lora(run.model, copy=True) if c.eval_merged_copy else run.model
+  model = merge_lora(run.model, copy=True) if c.eval_merged_copy else run.model
   acc, rows = exact_match(model, run.tokenizer, run.eval_set, batch_size=c.eval_batch_size,
                           max_new_tokens=c.eval_max_new_tokens)
   print(f"held-out exact match {label}: {acc:.1%} ({round(acc * len(rows))}/{len(rows)}, "
@@ -178,7 +177,7 @@ def _accuracy(run: _Run, label: str, out: TextIO) -> float:
 
 def _eval_loss(run: _Run) -> tuple[float, float]:
   run.model.eval()
-  place = None if run.mesh is None else functools.partial(sharding.shard_batch, mesh=run.mesh)
+  place = None if run.mesh is None else functools.partial(parallel.shard_batch, mesh=run.mesh)
   return eval_loss(run.model, run.eval_set.examples, batch_size=run.config.eval_batch_size,
                    sequence_len=run.config.sequence_len, pad_id=run.pad_id, place=place)
 
@@ -204,7 +203,6 @@ def train(config: TrainConfig, *, stop_at_step: int | None = None,
     TrainingError: a non-finite loss; the last good checkpoint stays in ``output_dir``.
     ConfigError: a mesh or ``distributed.*`` setting that cannot work here.
   """
-  import jqlora
   from tqdm.auto import tqdm
 
   distributed.initialize(config.distributed)
@@ -239,7 +237,7 @@ def train(config: TrainConfig, *, stop_at_step: int | None = None,
       run.model.train()
       batch = next(run.batches)
       t = time.perf_counter()
-      placed = batch if run.mesh is None else sharding.shard_batch(batch, run.mesh)
+      placed = batch if run.mesh is None else parallel.shard_batch(batch, run.mesh)
       metrics = train_step(run.model, run.optimizer, placed)
       loss = float(metrics["loss"])
       seconds = time.perf_counter() - t
@@ -284,9 +282,9 @@ def train(config: TrainConfig, *, stop_at_step: int | None = None,
     final.update(eval_loss=e_loss, eval_perplexity=ppl)
   adapter_dir = output / "adapter"
   if run.mesh is not None:  # every process takes part; then any process can read the adapters
-    nnx.update(run.model, sharding.replicate(nnx.state(run.model, nnx.LoRAParam), run.mesh))
+    nnx.update(run.model, parallel.replicate(nnx.state(run.model, nnx.LoRAParam), run.mesh))
   if lead:
-    jqlora.save_adapter(run.model, adapter_dir)
+    save_adapter(run.model, adapter_dir)
   print(f"adapter (PEFT format) saved to {adapter_dir}", file=out, flush=True)
   summary["adapter_dir"] = str(adapter_dir)
   if exact:

@@ -1,16 +1,15 @@
 """One compiled optimizer step: shifted cross-entropy, token-normalised accumulation, clipping.
 
-A batch is a dict of int32 arrays ``input_ids``, ``labels`` and optionally
-``segment_ids`` / ``positions`` (packing), each ``[B, T]`` or ``[A, B, T]``
-with ``A`` micro-batches accumulated into one update. ``labels`` are aligned
-with ``input_ids`` (as in transformers) and shifted inside the loss; -100 is
-ignored, and a target is never taken across a packed segment boundary.
+Batches follow ``jqlora.training.batch``: int32 ``input_ids`` and unshifted
+``labels`` (``IGNORE_INDEX`` = -100 ignored), optionally ``segment_ids`` /
+``positions`` (packing), each ``[B, T]`` or ``[A, B, T]`` with ``A``
+micro-batches accumulated into one update.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -18,11 +17,11 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-__all__ = ["IGNORE_INDEX", "PMAP_AXIS", "token_loss_sums", "chunked_token_loss_sums",
+from jqlora.training.batch import IGNORE_INDEX, Batch
+
+__all__ = ["PMAP_AXIS", "token_loss_sums", "chunked_token_loss_sums",
            "train_step", "pmap_train_step", "eval_loss_sums"]
 
-IGNORE_INDEX = -100
-Batch = Mapping[str, jax.Array]
 
 
 def token_loss_sums(logits: jax.Array, labels: jax.Array,

@@ -2,26 +2,17 @@
 
 from __future__ import annotations
 
-import os
-
 import jax
 import jax.numpy as jnp
 
-from jqlora.nf4 import NF4Tensor, dequantize_absmax
+from jqlora.format import NF4Tensor, dequantize_absmax
 from pallas_kernels import common
 from pallas_kernels.nf4_dequantize import mosaic_gpu, triton
 
-#: Kernel implementations; the default comes from ``$JQLORA_DEQUANTIZE_KERNEL``, else Triton.
+__all__ = ["IMPLEMENTATIONS", "check_tensor", "dequantize"]
+
+#: Kernel implementations (``jqlora.ops`` exposes them as the backends "pallas" and "mosaic_gpu").
 IMPLEMENTATIONS = ("triton", "mosaic_gpu")
-ENV_VAR = "JQLORA_DEQUANTIZE_KERNEL"
-
-
-def _implementation(implementation: str | None) -> str:
-  implementation = implementation or os.environ.get(ENV_VAR, "triton")
-  if implementation not in IMPLEMENTATIONS:
-    raise ValueError(f"dequantize: implementation must be one of {IMPLEMENTATIONS}, "
-                     f"got {implementation!r} (argument or ${ENV_VAR})")
-  return implementation
 
 
 def _blocks(t: NF4Tensor) -> jax.Array:
@@ -45,27 +36,29 @@ def check_tensor(t: NF4Tensor, what: str) -> None:
 
 
 def dequantize(t: NF4Tensor, dtype=None, *, interpret: bool = False,
-               implementation: str | None = None) -> jax.Array:
+               implementation: str = "triton") -> jax.Array:
   """Decodes an ``NF4Tensor`` with a Pallas GPU kernel.
 
   Args:
     t: the quantized tensor (any shape; vmap over stacked leaves).
     dtype: bfloat16, float16 or float32; defaults to ``t.dtype``.
     interpret: run the Triton kernel in the Pallas interpreter (CPU tests).
-    implementation: ``"triton"`` or ``"mosaic_gpu"``; None reads ``$JQLORA_DEQUANTIZE_KERNEL``
-      (default ``"triton"``). The Mosaic kernel has no interpreted form.
+    implementation: ``"triton"`` or ``"mosaic_gpu"``. The Mosaic kernel has no
+      interpreted form.
 
   Returns:
-    ``dtype[t.shape]``, bit-exact with ``jqlora.dequantize_nf4(t, dtype, backend="xla")``.
+    ``dtype[t.shape]``, bit-exact with ``jqlora.format.dequantize_reference(t, dtype)``.
   """
   check_tensor(t, "dequantize")
   dtype = common.check_float_dtype(t.dtype if dtype is None else dtype, "dequantize")
-  implementation = _implementation(implementation)
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"dequantize: implementation must be one of {IMPLEMENTATIONS}, "
+                     f"got {implementation!r}")
   packed = _blocks(t)
   if implementation == "mosaic_gpu":
     if interpret:
-      raise ValueError("dequantize: the mosaic_gpu kernel cannot be interpreted; "
-                       "use implementation='triton' with interpret=True")
+      raise NotImplementedError("dequantize: the mosaic_gpu kernel cannot be interpreted; "
+                                "use implementation='triton' with interpret=True")
     blocks = mosaic_gpu.dequantize_blocks(packed, dequantize_absmax(t), dtype)
   else:
     scales = common.scale_operands(t, t.absmax.reshape(-1))

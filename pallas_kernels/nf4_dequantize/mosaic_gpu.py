@@ -25,7 +25,10 @@ import jax
 import jax.numpy as jnp
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from jqlora.nf4 import NF4_CODE
+from jqlora.format import NF4_CODE
+
+__all__ = ["TILE_BLOCKS", "MAX_STEPS", "PIPELINE_DEPTH", "decode_tile", "words_to_values",
+           "dequantize_blocks"]
 
 # JAX 0.10 needs the index argument of ``plgpu.load``; 0.11 deprecates passing one.
 _LOAD_NEEDS_INDEX = inspect.signature(plgpu.load).parameters["idx"].default is inspect.Parameter.empty

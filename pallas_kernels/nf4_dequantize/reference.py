@@ -1,12 +1,9 @@
-"""Pure-jnp reference of the NF4 dequantize kernels."""
+"""Pure-jnp reference of the NF4 dequantize kernels: the format's own decode.
 
-from __future__ import annotations
+``dequantize_reference(t, dtype=None) -> dtype[t.shape]`` is
+``jqlora.format.dequantize_reference``; the kernels must match it bit for bit.
+"""
 
-import jax
+from jqlora.format import dequantize_reference
 
-from jqlora.nf4 import NF4Tensor, dequantize_nf4
-
-
-def dequantize_reference(t: NF4Tensor, dtype=None) -> jax.Array:
-  """``jqlora.dequantize_nf4`` on its pure-jnp path: ``dtype[t.shape]`` (default ``t.dtype``)."""
-  return dequantize_nf4(t, dtype, backend="xla")
+__all__ = ["dequantize_reference"]

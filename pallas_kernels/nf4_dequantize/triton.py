@@ -17,6 +17,8 @@ from jax.experimental.pallas import triton as plt
 
 from pallas_kernels import common
 
+__all__ = ["TILE_BLOCKS", "NUM_WARPS", "NUM_STAGES", "dequantize_blocks"]
+
 #: Untuned launch parameters (sweep on a GPU and record per device):
 #: blocks per program (a power of two dividing n_blocks, at most this), warps, stages.
 TILE_BLOCKS = 256

@@ -13,10 +13,12 @@ import math
 import jax
 import jax.numpy as jnp
 
-from jqlora.nf4 import NF4Tensor
+from jqlora.format import NF4Tensor
 from pallas_kernels import common
 from pallas_kernels.nf4_dequantize import api as dequantize_api
 from pallas_kernels.nf4_matmul import triton
+
+__all__ = ["check_operands", "matmul", "matmul_transposed"]
 
 
 def check_operands(x: jax.Array, t: NF4Tensor, what: str, *, transposed: bool = False) -> None:
@@ -30,7 +32,7 @@ def check_operands(x: jax.Array, t: NF4Tensor, what: str, *, transposed: bool = 
   if len(t.shape) != 2:
     raise ValueError(f"{what}: the weight must be 2-D [out, in], got shape {t.shape}")
   out, inputs = t.shape
-  if inputs % t.block_size:
+  if not t.row_aligned:
     raise ValueError(
         f"{what}: weight shape {t.shape} has in={inputs}, not a multiple of its "
         f"block_size={t.block_size}; the kernels need whole blocks per row")

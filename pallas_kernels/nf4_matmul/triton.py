@@ -23,8 +23,11 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from jqlora.nf4 import NF4Tensor
+from jqlora.format import NF4Tensor
 from pallas_kernels import common
+
+__all__ = ["GEMV_MAX_M", "MMA_MAX_M", "MMA_MIN_DIM", "TARGET_PROGRAMS", "TILES", "Tiles", "kind",
+           "forward", "transposed"]
 
 #: Largest M served by the GEMV kernels, and by the tensor-core kernels.
 GEMV_MAX_M = 3

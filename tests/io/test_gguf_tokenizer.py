@@ -7,7 +7,7 @@ import gguf
 import pytest
 from transformers import AutoTokenizer
 
-from jqlora import loading
+from jqlora.io import loading
 from jqlora.io.gguf import GGUFSource
 from jqlora.io.gguf_tokenizer import gguf_tokenizer
 
@@ -66,6 +66,7 @@ def _digits_apart(reference, text: str) -> list[int]:
   return [i for p in pieces + [current] if p for i in reference.encode(p, add_special_tokens=False)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("text", TEXTS)
 def test_encode_decode_match_transformers(ours, reference, text):
   ids = ours.encode(text)

@@ -13,8 +13,9 @@ from bitsandbytes.functional import QuantState
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
+from jqlora.format import NF4Tensor
 from jqlora.io.hf import HFSource, SafetensorsFile
-from jqlora.nf4 import NF4Tensor, dequantize_nf4
+from jqlora.ops import dequantize_nf4
 
 _BNB_SUFFIXES = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map",
                  ".quant_state.bitsandbytes__nf4")

@@ -3,7 +3,6 @@
 import json
 import shutil
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -15,9 +14,8 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 import jqlora
-from jqlora.io.source import DictSource
-from jqlora.lora import LoraConfig
-from jqlora.models import LlamaConfig, build_model
+from jqlora.models import DictSource, LlamaConfig, build_model
+from jqlora.nn.lora import LoraConfig
 
 
 def _model(data_dir, name="tiny-llama"):
@@ -58,6 +56,7 @@ def _train(model, ids, steps=3):
   return grads
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
 def test_adapter_trained_in_jqlora_loads_in_peft(data_dir, tmp_path, use_dora):
   ids = _ids(data_dir)

@@ -6,8 +6,7 @@ import jax.numpy as jnp
 import pytest
 from safetensors.numpy import load_file
 
-from jqlora.io.source import DictSource
-from jqlora.models import LlamaConfig, build_model
+from jqlora.models import DictSource, LlamaConfig, build_model
 
 MODELS = ("tiny-llama", "tiny-qwen2")
 

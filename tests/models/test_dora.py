@@ -5,17 +5,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from flax import nnx
-from test_loading import _bnb_float32_reference
+from torch_reference import bnb_float32_logits
 
 import jqlora
 from jqlora import nn
-from jqlora.lora import LoraConfig
 from jqlora.models import export_hf_state_dict
+from jqlora.nn.lora import LoraConfig
 
 from .test_lora_training import _frozen_leaves
 
 
+@pytest.mark.slow
 def test_qdora_trains_only_adapters_and_loads_in_peft(data_dir, tmp_path):
   folder = data_dir / "hf" / "tiny-llama" / "base-bnb-nf4"
   ids = np.load(data_dir / "hf" / "tiny-llama" / "reference_logits.npz")["input_ids"]
@@ -51,7 +53,7 @@ def test_qdora_trains_only_adapters_and_loads_in_peft(data_dir, tmp_path):
 
   logits = np.asarray(model(x))
   jqlora.save_adapter(model, tmp_path)
-  np.testing.assert_allclose(logits, _bnb_float32_reference(folder, ids, adapter=tmp_path),
+  np.testing.assert_allclose(logits, bnb_float32_logits(folder, ids, adapter=tmp_path),
                              atol=1e-4, rtol=0)
   merged = jqlora.merge_lora(model, copy=True)  # a float copy with the DoRA factors folded in
   np.testing.assert_allclose(merged(x), logits, atol=1e-4, rtol=0)

@@ -12,10 +12,9 @@ import transformers
 from flax import nnx
 
 import jqlora
-from jqlora.io.source import DictSource
-from jqlora.models import LlamaConfig, build_model, export_hf_state_dict
-from jqlora.models.llama import rope_inv_freq
-from jqlora.nf4 import NF4Tensor
+from jqlora.format import NF4Tensor
+from jqlora.models import DictSource, LlamaConfig, build_model, export_hf_state_dict
+from jqlora.models.layers import rope_inv_freq
 
 from .conftest import MODELS
 
@@ -212,6 +211,7 @@ def test_kv_cache_decoding_equals_full_forward(tiny_model, data_dir):
   np.testing.assert_allclose(np.concatenate(pieces, axis=1), full, atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_segment_ids_make_packed_equal_separate(tiny_model, data_dir):
   model = _with_adapter(tiny_model, data_dir, "tiny-qwen2", quantize=False)
   ids = _ids(_reference(data_dir, "tiny-qwen2"))
@@ -252,6 +252,7 @@ def test_bf16_compute_keeps_float32_adapters(hf_source, data_dir):
   assert np.abs(np.asarray(logits) - ref["lora_logits"]).max() < 0.3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", MODELS)
 def test_chunked_training_loss_equals_full_logits(name, tiny_model, data_dir):
   """``return_hidden`` + ``logits`` is the forward; a chunked step equals the unchunked one."""

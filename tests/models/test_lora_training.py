@@ -7,7 +7,7 @@ from flax import nnx
 
 import jqlora
 from jqlora import nn
-from jqlora.lora import LoraConfig
+from jqlora.nn.lora import LoraConfig
 
 
 def _frozen_leaves(model):

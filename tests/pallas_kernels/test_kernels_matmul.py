@@ -5,10 +5,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jqlora.nf4 import dequantize_nf4
+from jqlora.format import dequantize_reference
 from pallas_kernels import testing
-from pallas_kernels.nf4_matmul import (matmul, matmul_reference, matmul_transposed,
-                                       matmul_transposed_reference, triton)
+from pallas_kernels.nf4_matmul import (
+  matmul,
+  matmul_reference,
+  matmul_transposed,
+  matmul_transposed_reference,
+  triton,
+)
 
 # Each M once per activation dtype; shapes and single/double quantization rotate.
 CASES = [(m, dtype, testing.SHAPES[i % 3], i % 2 == 0)
@@ -34,9 +39,9 @@ def test_forward_and_transposed_match_references(case):
   t = testing.make_weight(shape, double_quant)
   x = testing.make_activations((m, shape[1]), dtype)
   dy = testing.make_activations((m, shape[0]), dtype, seed=2)
-  y, dx = jax.jit(lambda x, dy, t: (matmul(x, t, interpret=True),
-                                    matmul_transposed(dy, t, interpret=True)))(x, dy, t)
-  w = np.asarray(dequantize_nf4(t, dtype, backend="xla"), np.float64)
+  y, dx = jax.jit(lambda x, dy, t: (matmul(x, t, interpret=testing.INTERPRET),
+                                    matmul_transposed(dy, t, interpret=testing.INTERPRET)))(x, dy, t)
+  w = np.asarray(dequantize_reference(t, dtype), np.float64)
   _assert_close(y, matmul_reference(x, t), x, w.T, shape[1])
   _assert_close(dx, matmul_transposed_reference(dy, t), dy, w, shape[0])
 
@@ -44,11 +49,12 @@ def test_forward_and_transposed_match_references(case):
 def test_leading_axes_and_empty_rows():
   t = testing.make_weight((64, 128))
   x = testing.make_activations((2, 1, 128), jnp.bfloat16)
-  y = jax.jit(lambda x: matmul(x, t, interpret=True))(x)
+  y = jax.jit(lambda x: matmul(x, t, interpret=testing.INTERPRET))(x)
   assert y.shape == (2, 1, 64)
-  np.testing.assert_array_equal(np.asarray(y[1, 0]), np.asarray(matmul(x[1], t, interpret=True)[0]))
-  assert matmul(jnp.zeros((0, 128), jnp.bfloat16), t, interpret=True).shape == (0, 64)
-  assert matmul_transposed(jnp.zeros((3, 0, 64)), t, interpret=True).shape == (3, 0, 128)
+  one = matmul(x[1], t, interpret=testing.INTERPRET)
+  np.testing.assert_array_equal(np.asarray(y[1, 0]), np.asarray(one[0]))
+  assert matmul(jnp.zeros((0, 128), jnp.bfloat16), t, interpret=testing.INTERPRET).shape == (0, 64)
+  assert matmul_transposed(jnp.zeros((3, 0, 64)), t, interpret=testing.INTERPRET).shape == (3, 0, 128)
 
 
 def test_path_choice():

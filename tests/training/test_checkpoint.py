@@ -10,10 +10,12 @@ import textwrap
 import jax
 import numpy as np
 import optax
+import pytest
 from flax import nnx
 
 import jqlora
 from jqlora.training.checkpoint import Checkpointer
+
 from .toy import ToyLM, toy_batch
 
 TESTS = pathlib.Path(__file__).parents[1]
@@ -33,6 +35,7 @@ def _trained(steps, seed=0):
   return model, optimizer
 
 
+@pytest.mark.slow
 def test_restore_gives_identical_state_and_next_losses(tmp_path):
   model, optimizer = _trained(3)
   ckpt = Checkpointer(tmp_path)
@@ -69,6 +72,7 @@ KILLED_SAVE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_a_process_killed_during_save_leaves_the_previous_checkpoint(tmp_path):
   script = KILLED_SAVE.format(tests=str(TESTS), directory=str(tmp_path))
   proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,

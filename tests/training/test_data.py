@@ -5,8 +5,16 @@ import json
 import numpy as np
 import pytest
 
-from jqlora.training.data import (BatchIterator, DataError, Example, encode, eval_batches,
-                                  load_dataset, read_jsonl)
+from jqlora.training.data import (
+  BatchIterator,
+  DataError,
+  Example,
+  encode,
+  eval_batches,
+  load_dataset,
+  read_jsonl,
+)
+
 from .toy import char_tokenizer
 
 ALPACA = {"instruction": "Add", "input": "1 2", "output": "3"}

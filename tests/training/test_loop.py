@@ -3,7 +3,6 @@
 import json
 import pathlib
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -11,10 +10,11 @@ import pytest
 from flax import nnx
 
 import jqlora
-from jqlora.config import load_config
+from jqlora.training.config import load_config
 from jqlora.training.data import BatchIterator, Example, eval_batches
 from jqlora.training.loop import TrainingError, train
 from jqlora.training.step import eval_loss_sums
+
 from .toy import tiny_model_dir, write_reverse_task
 
 
@@ -42,6 +42,7 @@ def test_packed_loss_equals_unpacked_per_example_losses(data_dir):
   np.testing.assert_allclose(float(total), sum(float(t) for t, _ in singles), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_remat_trains_the_adapters_of_a_frozen_base_like_no_remat(data_dir):
   batch = {"input_ids": jnp.asarray(np.random.default_rng(1).integers(3, 500, (2, 16)), jnp.int32)}
   batch["labels"] = batch["input_ids"]
@@ -74,6 +75,7 @@ def _losses(out_dir):
   return [r["loss"] for r in rows if "loss" in r]
 
 
+@pytest.mark.slow
 def test_stopped_and_resumed_run_equals_uninterrupted_run(data_dir, tmp_path, capsys):
   full = train(_config(data_dir, tmp_path, "full"))
   first = train(_config(data_dir, tmp_path, "resumed"), stop_at_step=3)
@@ -85,6 +87,7 @@ def test_stopped_and_resumed_run_equals_uninterrupted_run(data_dir, tmp_path, ca
   assert (tmp_path / "resumed" / "adapter" / "adapter_model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(data_dir, tmp_path, monkeypatch):
   import jqlora.training.loop as loop
 
@@ -104,6 +107,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(data_dir, tmp_path,
   assert Checkpointer(tmp_path / "nan" / "checkpoints").latest_step() == 2
 
 
+@pytest.mark.slow
 def test_use_dora_trains_and_saves_a_peft_dora_adapter(data_dir, tmp_path):
   from safetensors.numpy import load_file
 

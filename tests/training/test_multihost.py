@@ -19,8 +19,10 @@ import pytest
 import yaml
 
 from jqlora.cli import main
-from jqlora.config import ConfigError, DistributedConfig
-from jqlora.training.distributed import distributed_args, initialize
+from jqlora.parallel.distributed import distributed_args, initialize
+from jqlora.training.config import ConfigError, DistributedConfig
+
+pytestmark = pytest.mark.slow  # two processes over gloo
 
 TESTS = pathlib.Path(__file__).parents[1]
 

@@ -10,6 +10,8 @@ import textwrap
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # 8 simulated devices in a subprocess
+
 TESTS = pathlib.Path(__file__).parents[1]
 
 WORKER = textwrap.dedent("""
@@ -36,7 +38,7 @@ WORKER = textwrap.dedent("""
     def nf4_model():
       model = jqlora.load_model({model!r}, quantize=True, dtype=jnp.float32, progress=False)
       jqlora.apply_lora(model, jqlora.LoraConfig(r=4, init="gaussian"), rngs=nnx.Rngs(0))
-      for _, m in jqlora.surgery.lora_modules(model):  # B != 0: A gets gradients too
+      for _, m in jqlora.nn.lora_modules(model):  # B != 0: A gets gradients too
         m.lora_b.set_value(jnp.full(m.lora_b.get_value().shape, 0.01, jnp.float32))
       return model
 
@@ -114,6 +116,7 @@ def test_pmap_batch_needs_the_device_axis():
 
   import jqlora
   from jqlora.training import pmap_train_step
+
   from .toy import ToyLM, toy_batch
 
   model = ToyLM(rngs=nnx.Rngs(0))

@@ -10,6 +10,8 @@ import textwrap
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # 8 simulated devices in a subprocess
+
 TESTS = pathlib.Path(__file__).parents[1]
 
 WORKER = textwrap.dedent("""
@@ -18,12 +20,12 @@ WORKER = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     from flax import nnx
     import jqlora
-    from jqlora import sharding
+    from jqlora import parallel
     from jqlora.training import make_schedule, make_tx
     from jqlora.training.checkpoint import Checkpointer
 
     assert len(jax.devices()) == 8, jax.devices()
-    mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+    mesh = parallel.make_mesh(data=2, fsdp=2, tensor=2)
     rng = np.random.default_rng(0)
     batches = []
     for _ in range(3):
@@ -37,12 +39,12 @@ WORKER = textwrap.dedent("""
       model.train()
       optimizer = jqlora.make_optimizer(model, make_tx(make_schedule("constant", 1e-2, 10)))
       if on_mesh:
-        sharding.shard_model(model, mesh)
-        sharding.shard_model(optimizer, mesh)
+        parallel.shard_model(model, mesh)
+        parallel.shard_model(optimizer, mesh)
       return model, optimizer
 
     def step(model, optimizer, batch, on_mesh):
-      batch = sharding.shard_batch(batch, mesh) if on_mesh else batch
+      batch = parallel.shard_batch(batch, mesh) if on_mesh else batch
       return float(jqlora.train_step(model, optimizer, batch)["loss"])
 
     def host(model, optimizer):  # adapters, moments and RNG state as lists
@@ -54,7 +56,7 @@ WORKER = textwrap.dedent("""
 
     def devices(model):
       a = model.layers.mlp.up_proj.lora_a.get_value()
-      return len(a.sharding.device_set), sorted(sharding.shard_shapes(a))
+      return len(a.sharding.device_set), sorted(parallel.shard_shapes(a))
 
     out = {{}}
     for name, (save_on_mesh, restore_on_mesh) in {{"8_to_1": (True, False),

@@ -1,5 +1,6 @@
 """Adapter-only optimizer, token-normalised accumulation, clipping and the non-finite guard."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +11,7 @@ from flax import nnx
 import jqlora
 from jqlora.training import token_loss_sums
 from jqlora.training.step import chunked_token_loss_sums
+
 from .toy import ToyLM, toy_batch
 
 
@@ -37,7 +39,7 @@ def test_only_adapters_change_and_carry_optimizer_state():
   for i in range(3):
     metrics = jqlora.train_step(model, optimizer, toy_batch(jax.random.key(i)))
     assert np.isfinite(float(metrics["loss"]))
-  jax.tree.map(np.testing.assert_array_equal, _frozen(model), before)
+  chex.assert_trees_all_equal(_frozen(model), before)
   after = _np(nnx.state(model, nnx.LoRAParam))
   assert all(not np.array_equal(a, b) for a, b in
              zip(jax.tree.leaves(after), jax.tree.leaves(lora_before)))
@@ -120,6 +122,7 @@ def test_schedules_warm_up_then_follow_their_shape(kind):
     assert 0.0 < float(s(12)) < 1.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("chunk_size", [1, 5, 33, 1024])
 def test_chunked_loss_equals_full_logits_loss_and_gradients(chunk_size):
   """Chunks that do (33 = B * T) and do not divide the tokens; packed segments; -100 labels."""

@@ -1,0 +1,288 @@
+"""Memory budget of QLoRA training per device: will it fit?
+
+``plan`` adds up, per device of a ``(data, fsdp, tensor)`` mesh (see
+``jqlora.parallel``): the NF4 codes and scales of the frozen linears, the float
+frozen weights (embeddings, LM head, norms), the adapters, their gradients and
+Adam moments, and the activations of one training step with or without
+per-layer activation checkpointing.
+
+Storage is exact (bitsandbytes' layout: 4 bits per weight, a uint8 scale per
+64-weight block and a float32 scale per 256 blocks with double quantization).
+Activations follow a model of jqlora's compiled step, stated in "copies" of
+per-token vectors saved per layer and of one layer's working set, with
+coefficients measured from XLA's buffer assignment (``memory_analysis()`` of the
+jitted step) over a grid of model shapes; ``tests/test_plan.py`` checks it
+against fresh measurements.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from jqlora.io import open_source
+from jqlora.models import LlamaConfig
+
+__all__ = ["Plan", "PRESETS", "DTYPE_BYTES", "plan", "format_plan", "parse_size"]
+
+#: LLaMA-1 shapes used by the QLoRA paper (``--model llama-65b``).
+PRESETS: dict[str, dict[str, Any]] = {
+    f"llama-{name}": dict(model_type="llama", vocab_size=32000, hidden_size=d,
+                          intermediate_size=i, num_hidden_layers=n, num_attention_heads=h,
+                          num_key_value_heads=h, max_position_embeddings=2048)
+    for name, d, i, n, h in (("7b", 4096, 11008, 32, 32), ("13b", 5120, 13824, 40, 40),
+                             ("33b", 6656, 17920, 60, 52), ("65b", 8192, 22016, 80, 64))
+}
+
+_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+# Activation model, in copies of a per-device vector (x compute-dtype bytes; attention
+# scores x 4 bytes): N tokens, widths d (hidden), q (heads * head_dim), kv, i (MLP),
+# per-layer scores B * heads * T^2, P = dequantized weights of one layer. Measured on
+# XLA CPU (float32) for jqlora's step; within 4 % over the grid that fixed them.
+_SAVED = {"dq": 2.8, "kv": 2.2, "i": 6.2, "scores": 2.0}  # kept per layer, no checkpointing
+_WORK = {"dq": 4.8, "kv": 1.6, "i": 7.1, "scores": 2.2, "P": 0.8, "logits": 0.25}
+_SAVED_REMAT = {"x": 1.0}  # the layer inputs, with checkpointing
+_WORK_REMAT = {"dq": 3.0, "kv": 1.3, "i": 12.0, "scores": 3.5, "P": 1.1, "logits": 0.0}
+_LOGITS_COPIES = 2  # float32 logits and their gradient, live together at the loss
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """Bytes per device of one QLoRA training step, and whether it fits.
+
+  Attributes:
+    model: a short description of the model.
+    mesh: ``{"data", "fsdp", "tensor"}`` sizes.
+    batch, seq: the global batch and sequence length; ``tokens_per_device``.
+    nf4_weights: NF4 codes of the frozen linears.
+    nf4_scales: their block scales (and nested scales with double quantization).
+    frozen_weights: embeddings, LM head, norms and biases in the base dtype.
+    adapters, gradients: LoRA weights and their gradients.
+    optimizer: Adam's two float32 moments (0 when offloaded/paged to the host).
+    activations_full / activations_checkpointed: activations of one step without
+      and with per-layer checkpointing; ``activations`` is the chosen one.
+    total: the sum of the above with the chosen activations.
+    memory_per_device: the budget; ``fits``: ``total <= memory_per_device``.
+  """
+
+  model: str
+  mesh: dict[str, int]
+  batch: int
+  seq: int
+  tokens_per_device: int
+  checkpointing: bool
+  nf4_weights: int
+  nf4_scales: int
+  frozen_weights: int
+  adapters: int
+  gradients: int
+  optimizer: int
+  activations_full: int
+  activations_checkpointed: int
+  memory_per_device: int | None
+
+  @property
+  def activations(self) -> int:
+    return self.activations_checkpointed if self.checkpointing else self.activations_full
+
+  @property
+  def weights(self) -> int:
+    """Frozen base model: NF4 codes, scales and float weights."""
+    return self.nf4_weights + self.nf4_scales + self.frozen_weights
+
+  @property
+  def total(self) -> int:
+    return (self.weights + self.adapters + self.gradients + self.optimizer
+            + self.activations)
+
+  @property
+  def fits(self) -> bool:
+    return self.memory_per_device is None or self.total <= self.memory_per_device
+
+
+def parse_size(text: str | int) -> int:
+  """Bytes in ``"48GiB"``, ``"80GB"``, ``"512 MiB"``, ``"1.5TB"`` or a plain byte count.
+
+  Raises:
+    ValueError: an unknown unit or a malformed size.
+  """
+  if isinstance(text, int):
+    return text
+  m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+  unit = m.group(2).lower() if m else None
+  if m is None or unit not in _UNITS:
+    raise ValueError(f"memory size {text!r}: expected a number with a unit such as 48GiB, "
+                     f"80GB or 512MiB (units: {', '.join(u for u in _UNITS if u)})")
+  return int(float(m.group(1)) * _UNITS[unit])
+
+
+def _config(model: LlamaConfig | Mapping[str, Any] | str | pathlib.Path) -> LlamaConfig:
+  """A ``LlamaConfig`` from a config, HF config dict, preset name, config.json or model path."""
+  if isinstance(model, LlamaConfig):
+    return model
+  if isinstance(model, Mapping):
+    return LlamaConfig.from_hf(dict(model))
+  if str(model) in PRESETS:
+    return LlamaConfig.from_hf(PRESETS[str(model)])
+  path = pathlib.Path(model)
+  if path.suffix == ".json":
+    if not path.is_file():
+      raise FileNotFoundError(f"plan: no config file {path}")
+    return LlamaConfig.from_hf(json.loads(path.read_text()))
+  return LlamaConfig.from_hf(open_source(path).hf_config())
+
+
+def _targets(target_modules: str | Sequence[str]) -> tuple[str, ...]:
+  if target_modules == "all-linear":
+    return _LINEARS
+  names = (target_modules,) if isinstance(target_modules, str) else tuple(target_modules)
+  unknown = [n for n in names if n not in _LINEARS]
+  if unknown:
+    raise ValueError(f"plan: target_modules {unknown} are not decoder linears; use 'all-linear' "
+                     f"or names from {list(_LINEARS)}")
+  return names
+
+
+def _dtype_bytes(dtype: str) -> int:
+  if dtype not in DTYPE_BYTES:
+    raise ValueError(f"plan: dtype must be one of {sorted(DTYPE_BYTES)}, got {dtype!r}")
+  return DTYPE_BYTES[dtype]
+
+
+def _nf4_bytes(out: int, inp: int, block_size: int, double_quant: bool) -> tuple[int, int, int]:
+  """``(codes, block scales, nested scales + offset)`` bytes of one ``[out, in]`` NF4 weight."""
+  n = out * inp
+  blocks = -(-n // block_size)
+  if not double_quant:
+    return (n + 1) // 2, 4 * blocks, 0
+  return (n + 1) // 2, blocks, 4 * -(-blocks // 256) + 4
+
+
+def plan(model: LlamaConfig | Mapping[str, Any] | str | pathlib.Path, *, devices: int = 1,
+         memory_per_device: int | str | None = None, batch: int = 1, seq: int = 512,
+         lora_r: int = 16, target_modules: str | Sequence[str] = "all-linear",
+         data: int | None = None, fsdp: int | None = None, tensor: int = 1,
+         checkpointing: bool = True, dtype: str = "bfloat16", base_dtype: str | None = None,
+         adapter_dtype: str = "float32", block_size: int = 64, double_quant: bool = True,
+         optimizer_offload: bool = False) -> Plan:
+  """The per-device memory budget of QLoRA training.
+
+  Args:
+    model: a ``LlamaConfig``, an HF ``config.json`` dict or path, a checkpoint
+      folder/GGUF (its config is read), or a preset name (``PRESETS``).
+    devices: number of devices; ``data * fsdp * tensor`` must equal it.
+    memory_per_device: bytes or a size such as ``"48GiB"``; None: no verdict.
+    batch: global batch (sequences per step); seq: tokens per sequence.
+    lora_r, target_modules: adapter rank and the decoder linears adapted.
+    data, fsdp, tensor: the mesh; by default all devices beyond ``tensor`` go to
+      ``fsdp`` (the frozen weights are split across every device).
+    checkpointing: recompute each layer in the backward pass.
+    dtype: compute dtype of the activations; base_dtype: of the float frozen
+      weights (default ``dtype``); adapter_dtype: of adapters and gradients.
+    block_size, double_quant: NF4 settings.
+    optimizer_offload: Adam moments live on the host (QLoRA's paged optimizer).
+
+  Returns:
+    A ``Plan``.
+
+  Raises:
+    ValueError: a mesh that does not multiply to ``devices``, or bad sizes.
+  """
+  c = _config(model)
+  if fsdp is None:
+    fsdp = devices // (tensor * (data or 1))
+  if data is None:
+    data = devices // (fsdp * tensor) if fsdp * tensor else 0
+  if data * fsdp * tensor != devices or min(data, fsdp, tensor) < 1:
+    raise ValueError(f"plan: mesh data * fsdp * tensor = {data} * {fsdp} * {tensor} must equal "
+                     f"devices = {devices}")
+  for name, value in (("batch", batch), ("seq", seq), ("lora_r", lora_r)):
+    if value < 1:
+      raise ValueError(f"plan: {name} must be positive, got {value}")
+  s, s_base, s_ad = _dtype_bytes(dtype), _dtype_bytes(base_dtype or dtype), \
+      _dtype_bytes(adapter_dtype)
+  split, targets = fsdp * tensor, _targets(target_modules)
+  shapes = {k.split(".")[-1]: v for k, v in c.linear_shapes().items()}
+  L, d, V = c.num_hidden_layers, c.hidden_size, c.vocab_size
+
+  codes = scales = nested = adapter_params = 0
+  for name, (out, inp) in shapes.items():
+    w_codes, w_scales, w_nested = _nf4_bytes(out, inp, block_size, double_quant)
+    codes += L * w_codes
+    scales += L * w_scales
+    nested += L * w_nested  # absmax2 and offset stay replicated
+    if name in targets:
+      adapter_params += L * lora_r * (out + inp)
+  heads = 1 if c.tie_word_embeddings else 2
+  biases = L * sum(out for k, (out, _) in c.linear_shapes().items() if c.has_bias(k))
+  frozen_split = heads * V * d * s_base
+  frozen_replicated = ((2 * L + 1) * d + biases) * s_base
+
+  b_dev = -(-batch // (data * fsdp))
+  n = b_dev * seq
+  q = c.num_attention_heads * c.head_dim // tensor
+  kv = c.num_key_value_heads * c.head_dim // tensor
+  i = c.intermediate_size // tensor
+  scores = b_dev * (c.num_attention_heads // max(1, tensor)) * seq * seq * 4
+  per_layer_params = sum(o * k for o, k in shapes.values()) // tensor
+  widths = {"dq": n * (d + q) * s, "kv": n * kv * s, "i": n * i * s, "scores": scores,
+            "P": per_layer_params * s, "logits": n * V * 4, "x": n * d * s}
+
+  def copies(coef: Mapping[str, float]) -> float:
+    return sum(v * widths[k] for k, v in coef.items())
+
+  logits_phase = _LOGITS_COPIES * widths["logits"]
+  full = max(L * copies(_SAVED) + copies(_WORK), L * copies(_SAVED) + logits_phase)
+  remat = max(L * copies(_SAVED_REMAT) + copies(_WORK_REMAT),
+              L * copies(_SAVED_REMAT) + logits_phase)
+
+  adapters = -(-adapter_params // split)
+  name = c.hf.get("_name_or_path") or (
+      f"{c.model_type} L={L} d={d} ffn={c.intermediate_size} vocab={V}")
+  return Plan(
+      model=str(name), mesh={"data": data, "fsdp": fsdp, "tensor": tensor}, batch=batch,
+      seq=seq, tokens_per_device=n, checkpointing=checkpointing,
+      nf4_weights=-(-codes // split),
+      nf4_scales=-(-scales // split) + nested,
+      frozen_weights=-(-frozen_split // split) + frozen_replicated,
+      adapters=adapters * s_ad, gradients=adapters * s_ad,
+      optimizer=0 if optimizer_offload else adapters * 8,
+      activations_full=int(full), activations_checkpointed=int(remat),
+      memory_per_device=None if memory_per_device is None else parse_size(memory_per_device))
+
+
+def _human(n: int) -> str:
+  for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+    if abs(n) < 1024 or unit == "TiB":
+      return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+    n /= 1024
+  return f"{n}"
+
+
+def format_plan(p: Plan) -> str:
+  """A table of ``p``'s bytes per device and the verdict."""
+  mesh = " x ".join(f"{k}={v}" for k, v in p.mesh.items())
+  rows = [("NF4 weights (codes)", p.nf4_weights), ("NF4 scales", p.nf4_scales),
+          ("frozen float weights", p.frozen_weights), ("LoRA adapters", p.adapters),
+          ("adapter gradients", p.gradients), ("optimizer state (Adam)", p.optimizer),
+          ("activations, no checkpointing" + (" " if p.checkpointing else " *"),
+           p.activations_full),
+          ("activations, per-layer checkpointing" + (" *" if p.checkpointing else " "),
+           p.activations_checkpointed)]
+  lines = [f"model: {p.model}", f"mesh: {mesh}; batch {p.batch} x seq {p.seq} "
+           f"({p.tokens_per_device} tokens per device)", ""]
+  width = max(len(r[0]) for r in rows) + 2
+  lines += [f"{label:<{width}}{_human(v):>14}" for label, v in rows]
+  lines += ["-" * (width + 14), f"{'total per device (*)':<{width}}{_human(p.total):>14}"]
+  if p.memory_per_device is not None:
+    verdict = "fits" if p.fits else "does NOT fit"
+    lines.append(f"{'memory per device':<{width}}{_human(p.memory_per_device):>14}   {verdict}")
+  return "\n".join(lines)

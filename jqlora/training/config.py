@@ -1,0 +1,267 @@
+"""The training configuration: flat, axolotl-like YAML keys with ``key=value`` overrides.
+
+A config file is one mapping of the keys of :class:`TrainConfig`; relative paths
+in it (datasets, output directory, a local base model) are resolved against the
+file's folder. The ``mesh`` and ``distributed`` sections are written either as
+nested mappings (``mesh: {data: 2, tensor: 2}``) or as dotted keys
+(``mesh.data: 2``, and ``mesh.data=2`` on the command line). Every error names
+the file and key and says what was expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import pathlib
+import types
+import typing
+from typing import Any, Literal
+
+import yaml
+
+from jqlora.parallel.config import ConfigError, DistributedConfig, MeshConfig
+
+__all__ = ["ConfigError", "DistributedConfig", "MeshConfig", "TrainConfig", "load_config",
+           "parse_overrides"]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Every setting of ``jqlora train``; field names are the YAML keys."""
+
+  # model
+  base_model: str = "SmolLM2-135M-Instruct"
+  load_in_4bit: bool = True
+  dtype: Literal["bfloat16", "float32"] = "bfloat16"
+  gradient_checkpointing: bool = False
+  loss_chunk_size: int | None = None
+  # adapter
+  lora_r: int = 8
+  lora_alpha: float = 16.0
+  lora_dropout: float = 0.0
+  lora_target_modules: str | list[str] = "all-linear"
+  use_rslora: bool = False
+  use_dora: bool = False
+  # data
+  dataset: str = ""
+  dataset_type: Literal["auto", "alpaca", "chat", "text"] = "auto"
+  eval_dataset: str | None = None
+  val_set_size: float = 0.0
+  sequence_len: int = 512
+  sample_packing: bool = False
+  train_on_inputs: bool = False
+  # optimisation
+  micro_batch_size: int = 1
+  gradient_accumulation_steps: int = 1
+  num_epochs: float = 1.0
+  max_steps: int | None = None
+  learning_rate: float = 2e-4
+  lr_scheduler: Literal["constant", "linear", "cosine"] = "cosine"
+  warmup_steps: int = 0
+  weight_decay: float = 0.0
+  adam_beta1: float = 0.9
+  adam_beta2: float = 0.999
+  adam_epsilon: float = 1e-8
+  max_grad_norm: float | None = 1.0
+  # run
+  output_dir: str = "outputs"
+  save_steps: int | None = None
+  save_total_limit: int | None = 2
+  resume_from_checkpoint: bool = True
+  eval_steps: int | None = None
+  eval_batch_size: int = 8
+  logging_steps: int = 1
+  seed: int = 0
+  # held-out generation check (exact match of the reference answer)
+  eval_exact_match: bool = False
+  eval_max_new_tokens: int = 32
+  eval_print_samples: int = 3
+  eval_merged_copy: bool = False  # decode from a merged float copy: faster, more memory
+  # scale-out
+  mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+  distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
+
+  def __post_init__(self) -> None:
+    positive = ("lora_r", "sequence_len", "micro_batch_size", "gradient_accumulation_steps",
+                "eval_batch_size", "logging_steps", "eval_max_new_tokens")
+    for key in positive:
+      if getattr(self, key) < 1:
+        raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
+    for key in ("max_steps", "save_steps", "eval_steps", "loss_chunk_size"):
+      value = getattr(self, key)
+      if value is not None and value < 1:
+        raise ConfigError(f"{key} must be >= 1 or null, got {value}")
+    if not 0.0 <= self.lora_dropout < 1.0:
+      raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+    if self.val_set_size < 0:
+      raise ConfigError(f"val_set_size must be >= 0 (a fraction < 1 or a count), got {self.val_set_size}")
+    if not self.dataset:
+      raise ConfigError("dataset is required: a JSONL file (alpaca, chat or text records)")
+
+  @property
+  def tokens_per_step(self) -> int:
+    """Token slots per optimizer step: micro batch x accumulation x sequence length."""
+    return self.micro_batch_size * self.gradient_accumulation_steps * self.sequence_len
+
+
+#: Sections: a nested mapping in YAML, dotted keys (``mesh.data``) everywhere.
+_SECTIONS: dict[str, type] = {"mesh": MeshConfig, "distributed": DistributedConfig}
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig) if f.name not in _SECTIONS}
+_KEYS = list(_FIELDS) + [f"{name}.{f.name}" for name, cls in _SECTIONS.items()
+                         for f in dataclasses.fields(cls)]
+_PATH_KEYS = ("dataset", "eval_dataset", "output_dir")
+
+
+def _key_type(key: str) -> Any:
+  section, _, sub = key.rpartition(".")
+  return typing.get_type_hints(_SECTIONS[section] if section else TrainConfig)[sub]
+
+
+def _type_name(tp: Any) -> str:
+  if typing.get_origin(tp) is Literal:
+    return " | ".join(repr(a) for a in typing.get_args(tp))
+  if typing.get_origin(tp) in (typing.Union, types.UnionType):
+    return " | ".join(_type_name(a) for a in typing.get_args(tp))
+  if typing.get_origin(tp) is list:
+    return f"list[{_type_name(typing.get_args(tp)[0])}]"
+  return "null" if tp is type(None) else tp.__name__
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+  """``value`` as type ``tp`` (ints accepted for floats), else raises TypeError."""
+  origin = typing.get_origin(tp)
+  if origin is Literal:
+    if value in typing.get_args(tp):
+      return value
+    raise TypeError
+  if origin in (typing.Union, types.UnionType):
+    for option in typing.get_args(tp):
+      try:
+        return _coerce(value, option)
+      except TypeError:
+        pass
+    raise TypeError
+  if origin is list:
+    if isinstance(value, list):
+      return [_coerce(v, typing.get_args(tp)[0]) for v in value]
+    raise TypeError
+  if tp is type(None):
+    if value is None:
+      return None
+    raise TypeError
+  if tp is float and isinstance(value, int) and not isinstance(value, bool):
+    return float(value)
+  if tp is bool and not isinstance(value, bool):
+    raise TypeError
+  if tp is int and isinstance(value, bool):
+    raise TypeError
+  if isinstance(value, tp):
+    return value
+  raise TypeError
+
+
+def _check_key(key: str, where: str) -> None:
+  if key not in _KEYS:
+    near = difflib.get_close_matches(key, _KEYS, n=1, cutoff=0.5)
+    hint = f"; did you mean {near[0]!r}?" if near else f"; known keys: {', '.join(_KEYS)}"
+    raise ConfigError(f"{where}: unknown config key {key!r}{hint}")
+
+
+def _flatten(loaded: dict[Any, Any], where: str) -> dict[str, Any]:
+  """A YAML mapping with nested sections (``mesh: {data: 2}``) as dotted keys (``mesh.data``)."""
+  out: dict[str, Any] = {}
+  for key, value in loaded.items():
+    key = str(key)
+    if key not in _SECTIONS:
+      out[key] = value
+      continue
+    if value is not None and not isinstance(value, dict):
+      subkeys = ", ".join(f.name for f in dataclasses.fields(_SECTIONS[key]))
+      raise ConfigError(f"{where}: {key} must be a mapping with keys {subkeys}, got {value!r}")
+    out.update({f"{key}.{sub}": v for sub, v in (value or {}).items()})
+  return out
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+  """``["lora_r=16", "mesh.data=2"]`` -> dict, values parsed as YAML scalars.
+
+  Raises:
+    ConfigError: for an item without ``=`` or an unknown key.
+  """
+  out: dict[str, Any] = {}
+  for item in items:
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+      raise ConfigError(f"override {item!r} is not of the form key=value")
+    _check_key(key, "command line")
+    out[key] = yaml.safe_load(raw) if raw else ""
+  return out
+
+
+def load_config(path: str | pathlib.Path | None, overrides: dict[str, Any] | None = None,
+                *, check_files: bool = True) -> TrainConfig:
+  """Reads a YAML config, applies overrides and validates every value.
+
+  Args:
+    path: the YAML file (None: only ``overrides``, paths relative to the cwd).
+    overrides: ``key -> value`` applied over the file (``parse_overrides``).
+    check_files: require the dataset files to exist.
+
+  Returns:
+    The validated ``TrainConfig`` with file paths made absolute.
+
+  Raises:
+    ConfigError: unknown key (with the nearest known one), wrong type, bad
+      value or missing dataset file; the message names the file and key.
+  """
+  raw: dict[str, Any] = {}
+  where = "command line"
+  base = pathlib.Path.cwd()
+  if path is not None:
+    path = pathlib.Path(path)
+    where = str(path)
+    if not path.is_file():
+      raise ConfigError(f"config file {path} does not exist")
+    try:
+      loaded = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+      raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if loaded is None:
+      loaded = {}
+    if not isinstance(loaded, dict):
+      raise ConfigError(f"{path}: expected a mapping of config keys, got {type(loaded).__name__}")
+    loaded = _flatten(loaded, where)
+    for key in loaded:
+      _check_key(key, where)
+    raw.update(loaded)
+    base = path.resolve().parent
+  for key, value in (overrides or {}).items():
+    _check_key(key, "command line")
+    raw[key] = value
+  values: dict[str, Any] = {}
+  for key, value in raw.items():
+    tp = _key_type(key)
+    try:
+      values[key] = _coerce(value, tp)
+    except TypeError:
+      raise ConfigError(f"{where}: {key} must be {_type_name(tp)}, got {value!r} "
+                        f"({type(value).__name__})") from None
+  for key in _PATH_KEYS:
+    if values.get(key):
+      values[key] = str((base / values[key]).resolve())
+  model = values.get("base_model")
+  if model and (model.startswith(".") or "/" in model) and (base / model).exists():
+    values["base_model"] = str((base / model).resolve())
+  sections = {name: {k.partition(".")[2]: values.pop(k) for k in list(values)
+                     if k.startswith(name + ".")} for name in _SECTIONS}
+  try:
+    sections = {name: _SECTIONS[name](**kw) for name, kw in sections.items()}
+    config = TrainConfig(**values, **sections)
+  except ConfigError as e:
+    raise ConfigError(f"{where}: {e}") from None
+  if check_files:
+    for key in ("dataset", "eval_dataset"):
+      file = getattr(config, key)
+      if file and not pathlib.Path(file).is_file():
+        raise ConfigError(f"{where}: {key} file {file} does not exist")
+  return config
