@@ -48,5 +48,6 @@ bench: $(VENV)/.test
 	$(BIN)/python benchmarks/bench_kernels.py
 	$(BIN)/python benchmarks/compare_torch.py
 
-clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis .ruff_cache .import_linter_cache
+clean:  # the environment, caches, and what runs and builds leave: outputs/ (jqlora train), runs/
+	rm -rf $(VENV) .pytest_cache .hypothesis .ruff_cache .import_linter_cache outputs runs build \
+	  jqlora.egg-info

@@ -4,7 +4,7 @@ Runs the candidates in one process on the same inputs, in alternating blocks of
 calls: each block's first call is dropped, because after torch returns its OpenMP
 workers keep spinning for a while and slow whatever runs next on a small machine.
 Reports medians. jqlora's dequantize runs on its default CPU path (the compiled
-kernel of ``jqlora.native`` where available), and for comparison on the pure-XLA
+kernel of ``jqlora.kernels.native`` where available), and for comparison on the pure-XLA
 path and on the native kernel without transparent huge pages. ``fresh output``
 is the time XLA takes just to fill a newly allocated output of the dequantized
 size: the page-fault floor of a 4 KiB-page allocation.
@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jqlora
-import jqlora.kernels.native
+import jqlora.ops
 
 # 2048x4096 (16 MiB in bf16) stays under the mmap threshold: no page faults, the lookup shows.
 SHAPES = [(4096, 4096), (4096, 11008), (2048, 4096)]
@@ -82,7 +82,8 @@ def bench_shape(shape, dtype: str, repeats: int) -> list[dict]:
       ("dequantize", "xla"): lambda: jax.block_until_ready(dequantize_xla(t)),
       ("dequantize", "fresh_output"): lambda: jax.block_until_ready(fill(scalar)),
   }
-  if jqlora.kernels.native.usable(dtype):
+  native = jqlora.ops.DEQUANTIZE.order(t, jnp.dtype(dtype))[0] == "native"  # the default path
+  if native:
     runs[("dequantize", "no_thp")] = _without_huge_pages(runs[("dequantize", "jqlora")])
   seconds = {}
   for op in ("quantize", "dequantize"):
@@ -97,7 +98,7 @@ def bench_shape(shape, dtype: str, repeats: int) -> list[dict]:
         "jqlora_gelem_s": n / ours / 1e9, "bitsandbytes_gelem_s": n / theirs / 1e9,
         "speedup": theirs / ours,
     })
-  rows[-1]["path"] = "native" if jqlora.kernels.native.usable(dtype) else "xla"
+  rows[-1]["path"] = "native" if native else "xla"
   rows[-1]["xla_ms"] = seconds[("dequantize", "xla")] * 1e3
   rows[-1]["native_no_thp_ms"] = seconds.get(("dequantize", "no_thp"), float("nan")) * 1e3
   rows[-1]["fresh_output_ms"] = seconds[("dequantize", "fresh_output")] * 1e3

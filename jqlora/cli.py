@@ -9,7 +9,7 @@ import pathlib
 import sys
 from collections.abc import Sequence
 
-__all__ = ["main"]
+__all__ = ["MERGE_INTO", "export", "main"]
 
 
 def _default_dtype() -> str:
@@ -48,25 +48,50 @@ def _cmd_generate(args: argparse.Namespace) -> int:
   model.eval()
   for answer in generate(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
                          temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                         chat=not args.raw):
+                         chat=not args.raw, verbose=args.verbose):
     print(answer)
   return 0
 
 
-def export(model_path: str, adapter: str, out: str | pathlib.Path, *, merged: bool = False) -> None:
+#: ``export(..., merge_into=...)``: the base a merged export folds the adapter into.
+MERGE_INTO = ("nf4", "original")
+_MERGED_INTO = {
+    "nf4": "merged into the dequantized NF4 base (the weights a QLoRA adapter trains against); "
+           "--merge-into original merges into the full-precision checkpoint",
+    "original": "merged into the full-precision checkpoint (--merge-into original); the default, "
+                "--merge-into nf4, merges into the dequantized NF4 base a QLoRA adapter trains "
+                "against",
+}
+
+
+def export(model_path: str, adapter: str, out: str | pathlib.Path, *, merged: bool = False,
+           merge_into: str = "nf4") -> None:
   """Writes ``adapter`` (trained on ``model_path``) to ``out`` as a PEFT adapter or merged model.
 
   Args:
     model_path: the base model (as for ``jqlora.load_model``).
     adapter: a PEFT adapter folder.
     out: the output folder.
-    merged: write the base with the adapter merged in, full precision
-      (float32 ``model.safetensors`` + ``config.json``, and the tokenizer when
-      it can be saved) instead of the adapter alone.
+    merged: write the base with the adapter merged in (float32 ``model.safetensors``
+      + ``config.json``, and the tokenizer when it can be saved) instead of the
+      adapter alone.
+    merge_into: with ``merged``, the base the adapter is folded into. ``"nf4"``
+      (default): the base quantized to NF4 as ``jqlora train`` loads it, then
+      dequantized, ``W_nf4 + s·BA``: the weights a QLoRA adapter was trained
+      against, as PEFT's ``merge_and_unload`` on a 4-bit base. ``"original"``: the
+      full-precision checkpoint, ``W + s·BA`` (for an adapter trained with
+      ``load_in_4bit: false``). A base stored as NF4 (a bitsandbytes folder) has
+      only its NF4 weights either way.
+
+  Raises:
+    ValueError: ``merge_into`` is not one of ``MERGE_INTO``.
   """
+  if merge_into not in MERGE_INTO:
+    raise ValueError(f"export: merge_into must be one of {', '.join(map(repr, MERGE_INTO))}, "
+                     f"got {merge_into!r}")
   from jqlora.io import load_tokenizer, save_adapter, save_merged
 
-  model = _load(model_path, adapter, quantize=not merged, dtype="float32")
+  model = _load(model_path, adapter, quantize=not merged or merge_into == "nf4", dtype="float32")
   if not merged:
     save_adapter(model, out)
     return
@@ -78,13 +103,23 @@ def export(model_path: str, adapter: str, out: str | pathlib.Path, *, merged: bo
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-  export(args.model, args.adapter, args.out, merged=args.merged)
+  if args.merge_into is not None and not args.merged:
+    print("jqlora export: error: --merge-into chooses the base of a merged export; add --merged",
+          file=sys.stderr)
+    return 2
+  merge_into = args.merge_into or "nf4"
+  export(args.model, args.adapter, args.out, merged=args.merged, merge_into=merge_into)
+  if args.merged:
+    print(_MERGED_INTO[merge_into])
   print(f"wrote {'merged model' if args.merged else 'PEFT adapter'} to {args.out}")
   return 0
 
 
 def _parser() -> argparse.ArgumentParser:
+  from jqlora import __version__
+
   p = argparse.ArgumentParser(prog="jqlora", description="QLoRA fine-tuning in JAX.")
+  p.add_argument("--version", action="version", version=f"jqlora {__version__}")
   sub = p.add_subparsers(dest="command", required=True)
 
   t = sub.add_parser("train", help="fine-tune from a YAML config",
@@ -105,14 +140,21 @@ def _parser() -> argparse.ArgumentParser:
   g.add_argument("--raw", action="store_true", help="use the prompt as is (no chat template)")
   g.add_argument("--dtype", choices=["float32", "bfloat16"], help="default: float32 on CPU")
   g.add_argument("--no-quantize", action="store_true", help="keep the base in full precision")
+  g.add_argument("--verbose", action="store_true",
+                 help="print the tokens generated, seconds and tokens/s to stderr")
   g.set_defaults(fn=_cmd_generate)
 
-  e = sub.add_parser("export", help="write a PEFT adapter or a merged full-precision model")
+  e = sub.add_parser("export", help="write a PEFT adapter or a merged float32 model")
   e.add_argument("--model", required=True, help="the base model the adapter was trained on")
   e.add_argument("--adapter", required=True, help="PEFT adapter folder")
   e.add_argument("--out", required=True, help="output folder")
   e.add_argument("--merged", action="store_true",
-                 help="merge into the full-precision base (safetensors + config.json)")
+                 help="write the base with the adapter merged in, float32 (model.safetensors + "
+                      "config.json) instead of the adapter alone")
+  e.add_argument("--merge-into", choices=MERGE_INTO, default=None,
+                 help="with --merged, the base the adapter is folded into: nf4 = the dequantized "
+                      "NF4 base a QLoRA adapter trains against, original = the full-precision "
+                      "checkpoint (default: nf4)")
   e.set_defaults(fn=_cmd_export)
 
   sub.add_parser("plan", add_help=False,
@@ -120,43 +162,115 @@ def _parser() -> argparse.ArgumentParser:
   return p
 
 
-def _plan_main(argv: Sequence[str]) -> int:
-  """``jqlora plan --model M --devices N --memory-per-device 48GiB --batch B --seq L``."""
-  from jqlora.plan import PRESETS, budget, format_plan, plan
+def _plan_parser() -> argparse.ArgumentParser:
+  """``jqlora plan``'s flags; those a config sets default to None (unset)."""
+  from jqlora.plan import PRESETS, budget
+  from jqlora.training.config import TrainConfig
 
-  ap = argparse.ArgumentParser(prog="jqlora plan", description=budget.__doc__.splitlines()[0])
-  ap.add_argument("--model", required=True,
-                  help=f"checkpoint folder, config.json, .gguf or preset ({', '.join(PRESETS)})")
-  ap.add_argument("--devices", type=int, default=1)
-  ap.add_argument("--memory-per-device", default=None, help="e.g. 48GiB, 80GB")
-  ap.add_argument("--batch", type=int, default=1)
-  ap.add_argument("--seq", type=int, default=512)
-  ap.add_argument("--lora-r", type=int, default=16)
-  ap.add_argument("--target-modules", default="all-linear",
-                  help="'all-linear' or comma-separated names (q_proj,v_proj)")
-  ap.add_argument("--data", type=int, default=None)
-  ap.add_argument("--fsdp", type=int, default=None)
-  ap.add_argument("--tensor", type=int, default=1)
-  ap.add_argument("--no-checkpointing", action="store_true")
-  ap.add_argument("--dtype", default="bfloat16", choices=sorted(budget.DTYPE_BYTES))
+  d = TrainConfig(dataset="-")  # unset by flags and --config: what `jqlora train` would use
+  ap = argparse.ArgumentParser(
+      prog="jqlora plan", description=budget.__doc__.splitlines()[0],
+      epilog="With --config, the run is read from a training YAML (base_model, mesh.*, "
+             "micro_batch_size, sequence_len, lora_r, lora_target_modules, "
+             "gradient_checkpointing, dtype) and flags given here override it; other defaults "
+             "are jqlora train's.")
+  ap.add_argument("--config", metavar="TRAIN.yaml",
+                  help="a jqlora train config to read the run from (default: none)")
+  ap.add_argument("--model",
+                  help=f"checkpoint folder, config.json, .gguf or preset ({', '.join(PRESETS)}) "
+                       "(default: the config's base_model; required without --config)")
+  ap.add_argument("--devices", type=int,
+                  help="number of devices (default: the config's mesh size, else 1)")
+  ap.add_argument("--memory-per-device", metavar="SIZE",
+                  help="budget per device, e.g. 48GiB, 80GB (default: none, no verdict)")
+  ap.add_argument("--batch", type=int,
+                  help=f"global batch in sequences (default: the config's micro_batch_size, "
+                       f"else {d.micro_batch_size})")
+  ap.add_argument("--seq", type=int,
+                  help=f"tokens per sequence (default: the config's sequence_len, "
+                       f"else {d.sequence_len})")
+  ap.add_argument("--lora-r", type=int,
+                  help=f"LoRA rank (default: the config's lora_r, else {d.lora_r})")
+  ap.add_argument("--target-modules",
+                  help="'all-linear' or comma-separated names such as q_proj,v_proj (default: "
+                       f"the config's lora_target_modules, else {d.lora_target_modules})")
+  ap.add_argument("--data", type=int,
+                  help="mesh data axis (default: the config's mesh.data, else 1)")
+  ap.add_argument("--fsdp", type=int,
+                  help="mesh fsdp axis (default: the config's mesh.fsdp, else the devices left "
+                       "over by data and tensor)")
+  ap.add_argument("--tensor", type=int,
+                  help="mesh tensor axis (default: the config's mesh.tensor, else 1)")
+  ap.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                  help="recompute each layer in the backward pass, as gradient_checkpointing: "
+                       "true (default: the config's gradient_checkpointing, else "
+                       f"{'on' if d.gradient_checkpointing else 'off'}, as jqlora train)")
+  ap.add_argument("--dtype", choices=sorted(budget.DTYPE_BYTES),
+                  help=f"compute dtype of activations and float weights (default: the config's "
+                       f"dtype, else {d.dtype})")
   ap.add_argument("--optimizer-offload", action="store_true",
-                  help="Adam moments on the host (QLoRA's paged optimizer)")
-  ap.add_argument("--json", action="store_true", help="print the plan as JSON")
+                  help="Adam moments on the host, QLoRA's paged optimizer (default: off)")
+  ap.add_argument("--json", action="store_true", help="print the plan as JSON (default: a table)")
+  return ap
+
+
+def _plan_run(args: argparse.Namespace, ap: argparse.ArgumentParser) -> dict:
+  """``plan``'s keyword arguments: flags over ``--config`` over ``jqlora train``'s defaults."""
+  from jqlora.training.config import ConfigError, TrainConfig, load_config
+
+  if args.config is not None:
+    try:  # the dataset is not needed to plan: a placeholder, and no file checks
+      c = load_config(args.config, {"dataset": "-"}, check_files=False)
+    except ConfigError as e:
+      ap.error(str(e))
+  elif args.model is None:
+    ap.error("the following arguments are required: --model (or --config TRAIN.yaml)")
+  else:
+    c = TrainConfig(dataset="-")
+  if not c.load_in_4bit:
+    print(f"jqlora plan: note: {args.config} sets load_in_4bit: false; this plan counts an NF4 "
+          "base (QLoRA)", file=sys.stderr)
+  # the config's mesh, each axis flag over it; --devices N (another size) replaces it by
+  # plan's default, N-way fsdp. Without --devices, the axes say how many devices.
+  mesh = dict(data=c.mesh.data, fsdp=c.mesh.fsdp, tensor=c.mesh.tensor)
+  if args.config is None or (args.devices is not None and args.devices != c.mesh.size):
+    mesh = dict(data=None, fsdp=None, tensor=1)
+  axes = {k: getattr(args, k) for k in mesh if getattr(args, k) is not None}
+  mesh.update(axes)
+  devices = args.devices
+  if devices is None:
+    devices = (mesh["data"] or 1) * (mesh["fsdp"] or 1) * mesh["tensor"] if axes else c.mesh.size
+  targets = c.lora_target_modules if args.target_modules is None else args.target_modules
+  if isinstance(targets, str) and targets != "all-linear":
+    targets = [t.strip() for t in targets.split(",") if t.strip()]
+  pick = lambda flag, value: value if flag is None else flag
+  return dict(model=pick(args.model, c.base_model), devices=devices, **mesh,
+              memory_per_device=args.memory_per_device, batch=pick(args.batch, c.micro_batch_size),
+              seq=pick(args.seq, c.sequence_len), lora_r=pick(args.lora_r, c.lora_r),
+              target_modules=targets, checkpointing=pick(args.checkpointing,
+                                                         c.gradient_checkpointing),
+              dtype=pick(args.dtype, c.dtype), optimizer_offload=args.optimizer_offload)
+
+
+def _plan_main(argv: Sequence[str]) -> int:
+  """``jqlora plan [--config TRAIN.yaml] --model M --devices N --memory-per-device 48GiB …``."""
+  from jqlora.plan import format_plan, plan
+
+  ap = _plan_parser()
   args = ap.parse_args(argv)
-  targets = args.target_modules if args.target_modules == "all-linear" else \
-      [t.strip() for t in args.target_modules.split(",") if t.strip()]
+  run = _plan_run(args, ap)
+  key = f"{args.config}: base_model " if args.config and args.model is None else ""
   try:
-    p = plan(args.model, devices=args.devices, memory_per_device=args.memory_per_device,
-             batch=args.batch, seq=args.seq, lora_r=args.lora_r, target_modules=targets,
-             data=args.data, fsdp=args.fsdp, tensor=args.tensor,
-             checkpointing=not args.no_checkpointing, dtype=args.dtype,
-             optimizer_offload=args.optimizer_offload)
-  except (ValueError, FileNotFoundError) as e:
-    ap.error(str(e))
+    p = plan(**run)
+  except (ValueError, FileNotFoundError) as e:  # name the YAML key the model came from
+    ap.error(f"{key}{e}" if key and str(run["model"]) in str(e) else str(e))
+  except KeyError as e:  # a config.json without a required key
+    ap.error(f"{key}{run['model']}: missing key {e.args[0]}")
   if args.json:
     print(json.dumps({**dataclasses.asdict(p), "total": p.total, "fits": p.fits}))
   else:
-    print(format_plan(p))
+    source = f"{args.config}, then command-line flags" if args.config else "command-line flags"
+    print(format_plan(p, f"assumptions (from {source}; the rest as jqlora train's defaults):"))
   return 0 if p.fits else 1
 
 
@@ -178,8 +292,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"jqlora {args.command}: error: {e}", file=sys.stderr)
     return 2
   except RuntimeError as e:
-    from jqlora.training.loop import TrainingError
+    from jqlora.training.loop import TrainingError, TrainingInterrupted
 
+    if isinstance(e, TrainingInterrupted):  # SIGINT / SIGTERM: 130 / 143, as a shell reports it
+      print(f"jqlora {args.command}: {e}", file=sys.stderr)
+      return e.exit_code
     if not isinstance(e, TrainingError):
       raise
     print(f"jqlora {args.command}: error: {e}", file=sys.stderr)

@@ -2,7 +2,9 @@
 
 Prompts of different lengths are left-padded; padding gets segment id 0 so no
 real token attends to it, and each row's positions start at 0 on its first
-real token. Prefill and every decoding step run in one compiled function.
+real token. Prefill and every decoding step run in one compiled function (one per
+prompt-width bucket and ``max_new_tokens``), whose loop ends as soon as every row
+has produced a stop token.
 
 A model sharded over a mesh (``jqlora.parallel.shard_model``) decodes on that
 mesh: the prompts are replicated on it and the generated tokens come back
@@ -14,6 +16,8 @@ each reads all the answers.
 from __future__ import annotations
 
 import functools
+import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -75,8 +79,14 @@ def _mesh(state: Any) -> Mesh | None:
 def _generate(graphdef: nnx.GraphDef, max_new_tokens: int, out_sharding: NamedSharding | None,
               state: Any, ids: jax.Array, lengths: jax.Array, stop_ids: jax.Array,
               key: jax.Array, temperature: jax.Array, top_p: jax.Array,
-              pad_id: jax.Array) -> jax.Array:
-  """Generated ids ``[B, max_new_tokens]`` int32 (with ``out_sharding`` when given)."""
+              pad_id: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Generated ids ``[B, max_new_tokens]`` int32 and the decoding steps run (int32 scalar).
+
+  The loop stops once every row has produced a stop token; the columns after that hold
+  ``pad_id``, as a stopped row's do. Step ``i`` samples with the ``i``-th split of ``key``
+  whether or not the loop ends early, so the tokens are those of a full-length decode.
+  Both outputs have ``out_sharding`` when given.
+  """
   model = nnx.merge(graphdef, state)
   b, p = ids.shape
   pad = p - lengths[:, None]
@@ -87,44 +97,42 @@ def _generate(graphdef: nnx.GraphDef, max_new_tokens: int, out_sharding: NamedSh
   logits, cache = model(ids, positions=positions, segment_ids=segment_ids, cache=cache)
   ones = jnp.ones((b, 1), jnp.int32)
 
-  def step(carry, i):
-    logits, cache, done, key = carry
+  def pick(i, logits, done, key, tokens):
+    """Samples step ``i``'s tokens ``[B]`` into column ``i`` of ``tokens``."""
     key, sub = jax.random.split(key)
-    token = _sample(logits, sub, temperature, top_p)
-    token = jnp.where(done, pad_id, token)
-    done = done | jnp.isin(token, stop_ids)
-    logits, cache = model(token[:, None], positions=(lengths + i)[:, None],
+    token = jnp.where(done, pad_id, _sample(logits, sub, temperature, top_p))
+    return token, done | jnp.isin(token, stop_ids), key, tokens.at[:, i].set(token)
+
+  def running(carry):
+    i, done = carry[0], carry[3]
+    return (i < max_new_tokens) & ~done.all()
+
+  def step(carry):
+    """Feeds step ``i - 1``'s tokens to the model and samples step ``i``'s."""
+    i, token, cache, done, key, tokens = carry
+    logits, cache = model(token[:, None], positions=(lengths + i - 1)[:, None],
                           segment_ids=ones, cache=cache)
-    return (logits[:, -1], cache, done, key), token
+    token, done, key, tokens = pick(i, logits[:, -1], done, key, tokens)
+    return i + 1, token, cache, done, key, tokens
 
-  init = (logits[:, -1], cache, jnp.zeros((b,), bool), key)
-  _, tokens = jax.lax.scan(step, init, jnp.arange(max_new_tokens))
+  tokens = jnp.full((b, max_new_tokens), pad_id, jnp.int32)
+  token, done, key, tokens = pick(0, logits[:, -1], jnp.zeros((b,), bool), key, tokens)
+  steps, *_, tokens = jax.lax.while_loop(running, step, (jnp.int32(1), token, cache, done, key, tokens))
   if out_sharding is None:
-    return tokens.T
-  return jax.lax.with_sharding_constraint(tokens.T, out_sharding)
+    return tokens, steps
+  return jax.lax.with_sharding_constraint((tokens, steps), out_sharding)
 
 
-def generate_ids(model: nnx.Module, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
-                 stop_ids: Sequence[int], pad_id: int = 0, temperature: float = 0.0,
-                 top_p: float = 1.0, seed: int = 0) -> list[list[int]]:
-  """Continues each token prompt until a stop token or ``max_new_tokens``.
-
-  Args:
-    model: a jqlora model (``init_cache`` and ``cache=`` support), on one device
-      or sharded over a mesh (multi-process: every process passes the same prompts).
-    prompts: token ids, one list per sequence (lengths may differ).
-    max_new_tokens: the most tokens generated per sequence.
-    stop_ids: tokens that end a sequence (kept in the output).
-    pad_id: filler after a sequence has stopped.
-    temperature: 0 for greedy decoding, else the softmax temperature.
-    top_p: nucleus sampling mass (1.0: the whole distribution).
-    seed: sampling seed.
-
-  Returns:
-    The generated ids of each sequence, up to and including its stop token.
-  """
+def _decode(model: nnx.Module, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+            stop_ids: Sequence[int], pad_id: int, temperature: float, top_p: float,
+            seed: int) -> tuple[list[list[int]], int]:
+  """``generate_ids``' answers and the number of decoding steps run (at most ``max_new_tokens``)."""
   if not prompts or any(len(p) == 0 for p in prompts):
     raise ValueError("generate needs at least one prompt and no empty prompt")
+  if max_new_tokens < 0:
+    raise ValueError(f"max_new_tokens must not be negative, got {max_new_tokens}")
+  if max_new_tokens == 0:
+    return [[] for _ in prompts], 0
   width = -(-max(len(p) for p in prompts) // 16) * 16  # bucketed: fewer compilations
   ids = np.full((len(prompts), width), pad_id, np.int32)
   for row, p in enumerate(prompts):
@@ -137,25 +145,59 @@ def generate_ids(model: nnx.Module, prompts: Sequence[Sequence[int]], *, max_new
     replicated = NamedSharding(mesh, P())
     args = replicate(args, mesh)
   # one device, or replicated: every process reads its first local copy
-  tokens = np.asarray(_generate(graphdef, max_new_tokens, replicated, state, *args)
-                      .addressable_data(0))
-  out = []
+  tokens, steps = _generate(graphdef, max_new_tokens, replicated, state, *args)
+  tokens, steps = np.asarray(tokens.addressable_data(0)), int(steps.addressable_data(0))
+  stop, out = set(stop_ids), []
   for row in tokens.tolist():
-    stops = [i for i, t in enumerate(row) if t in set(stop_ids)]
+    stops = [i for i, t in enumerate(row) if t in stop]
     out.append(row[:stops[0] + 1] if stops else row)
+  return out, steps
+
+
+def generate_ids(model: nnx.Module, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+                 stop_ids: Sequence[int], pad_id: int = 0, temperature: float = 0.0,
+                 top_p: float = 1.0, seed: int = 0, verbose: bool = False) -> list[list[int]]:
+  """Continues each token prompt until a stop token or ``max_new_tokens``.
+
+  Decoding ends as soon as every sequence has stopped.
+
+  Args:
+    model: a jqlora model (``init_cache`` and ``cache=`` support), on one device
+      or sharded over a mesh (multi-process: every process passes the same prompts).
+    prompts: token ids, one list per sequence (lengths may differ).
+    max_new_tokens: the most tokens generated per sequence.
+    stop_ids: tokens that end a sequence (kept in the output).
+    pad_id: filler after a sequence has stopped.
+    temperature: 0 for greedy decoding, else the softmax temperature.
+    top_p: nucleus sampling mass (1.0: the whole distribution).
+    seed: sampling seed.
+    verbose: print the tokens generated, the seconds taken (compilation included) and the
+      tokens per second to stderr.
+
+  Returns:
+    The generated ids of each sequence, up to and including its stop token.
+  """
+  start = time.perf_counter()
+  out, steps = _decode(model, prompts, max_new_tokens=max_new_tokens, stop_ids=stop_ids,
+                       pad_id=pad_id, temperature=temperature, top_p=top_p, seed=seed)
+  if verbose:
+    seconds, n = time.perf_counter() - start, sum(len(o) for o in out)
+    print(f"generated {n} tokens for {len(out)} prompt{'s' * (len(out) != 1)} in {seconds:.2f} s "
+          f"({n / seconds:.1f} tokens/s; {steps} of at most {max_new_tokens} decoding steps)",
+          file=sys.stderr)
   return out
 
 
 def generate(model: nnx.Module, tokenizer: Any, prompts: Sequence[str | list[dict[str, str]]], *,
              max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
-             seed: int = 0, chat: bool = True) -> list[str]:
+             seed: int = 0, chat: bool = True, verbose: bool = False) -> list[str]:
   """Answers each prompt (a user message, or a list of chat messages) as text.
 
   Args:
     model: a jqlora model, in eval mode.
     tokenizer: its transformers tokenizer (the chat template formats prompts).
     prompts: user messages, or full message lists ending with a user turn.
-    max_new_tokens, temperature, top_p, seed: see ``generate_ids``.
+    max_new_tokens, temperature, top_p, seed, verbose: see ``generate_ids``.
     chat: format prompts with the chat template (False: use the text as is).
 
   Returns:
@@ -172,5 +214,5 @@ def generate(model: nnx.Module, tokenizer: Any, prompts: Sequence[str | list[dic
   ids = [tokenizer(t, add_special_tokens=add_special)["input_ids"] for t in texts]
   pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
   out = generate_ids(model, ids, max_new_tokens=max_new_tokens, stop_ids=stop_token_ids(tokenizer),
-                     pad_id=pad_id, temperature=temperature, top_p=top_p, seed=seed)
+                     pad_id=pad_id, temperature=temperature, top_p=top_p, seed=seed, verbose=verbose)
   return [tokenizer.decode(o, skip_special_tokens=True).strip() for o in out]

@@ -49,35 +49,59 @@ def test_train_prints_banner_progress_metrics_and_saves_the_adapter(trained, cap
   assert (tmp / "out" / "adapter" / "adapter_config.json").is_file()
 
 
-def _jqlora_logits(model_dir, adapter, ids):
-  model = jqlora.load_model(model_dir, quantize=False, dtype=jnp.float32, progress=False)
+def _jqlora_logits(model_dir, adapter, ids, *, quantize=False):
+  model = jqlora.load_model(model_dir, quantize=quantize, dtype=jnp.float32, progress=False)
   if adapter is not None:
     jqlora.load_adapter(model, adapter)
   return np.asarray(model(jnp.asarray(ids)))
 
 
-def test_exported_adapter_loads_in_peft_and_merged_model_in_transformers(trained):
+def test_exported_adapter_loads_in_peft_and_merged_model_in_transformers(trained, capsys):
   torch = pytest.importorskip("torch")
   from peft import PeftModel
   from transformers import AutoModelForCausalLM
 
   tmp, model_dir, cfg = trained
-  assert main(["train", "--config", str(cfg), "output_dir=out4", "eval_exact_match=false"]) == 0
+  assert main(["train", "--config", str(cfg), f"output_dir={tmp / 'out4'}", "eval_exact_match=false"]) == 0
   adapter = tmp / "out4" / "adapter"
   ids = np.random.default_rng(0).integers(3, 500, (2, 12)).astype(np.int32)
-  expected = _jqlora_logits(model_dir, adapter, ids)
+  expected = _jqlora_logits(model_dir, adapter, ids)  # full-precision base + adapter
+  qlora = _jqlora_logits(model_dir, adapter, ids, quantize=True)  # NF4 base + adapter, as trained
+  capsys.readouterr()
   assert main(["export", "--model", str(model_dir), "--adapter", str(adapter),
                "--out", str(tmp / "peft")]) == 0
   assert main(["export", "--model", str(model_dir), "--adapter", str(adapter),
                "--out", str(tmp / "merged"), "--merged"]) == 0
+  assert "merged into the dequantized NF4 base" in capsys.readouterr().out
+  assert main(["export", "--model", str(model_dir), "--adapter", str(adapter),
+               "--out", str(tmp / "merged-original"), "--merged", "--merge-into", "original"]) == 0
+  assert "merged into the full-precision checkpoint" in capsys.readouterr().out
+
+  def hf_logits(folder):
+    with torch.no_grad():
+      merged = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+      return merged(torch.tensor(ids)).logits.numpy()
+
   with torch.no_grad():
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     peft_logits = PeftModel.from_pretrained(base, tmp / "peft")(torch.tensor(ids)).logits.numpy()
-    merged = AutoModelForCausalLM.from_pretrained(tmp / "merged", dtype=torch.float32)
-    merged_logits = merged(torch.tensor(ids)).logits.numpy()
+  merged_logits, original_logits = hf_logits(tmp / "merged"), hf_logits(tmp / "merged-original")
   assert np.abs(expected - _jqlora_logits(model_dir, None, ids)).max() > 1e-3  # adapter matters
   np.testing.assert_allclose(peft_logits, expected, atol=1e-4)
-  np.testing.assert_allclose(merged_logits, expected, atol=1e-4)
+  # the default merges into the dequantized NF4 base, the weights the adapter was trained against
+  np.testing.assert_allclose(merged_logits, qlora, atol=1e-4)
+  # --merge-into original: the full-precision checkpoint + adapter, which answers differently
+  np.testing.assert_allclose(original_logits, expected, atol=1e-4)
+  assert np.abs(merged_logits - original_logits).max() > 1e-3
+
+
+def test_merge_into_without_merged_is_a_one_line_error(trained, capsys):
+  tmp, model_dir, _ = trained
+  assert main(["export", "--model", str(model_dir), "--adapter", str(tmp / "none"),
+               "--out", str(tmp / "x"), "--merge-into", "original"]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "--merge-into" in err and "add --merged" in err
+  assert not (tmp / "x").exists()
 
 
 def test_generate_command_prints_the_greedy_answer(trained, capsys):
@@ -162,17 +186,28 @@ def test_train_on_a_2x2x2_mesh_gives_the_losses_of_one_device(mesh_runs):
   np.testing.assert_allclose(held_out["mesh"], held_out["single"], rtol=0, atol=1e-5)
 
 
-def test_mesh_errors_name_the_devices_tensor_and_axis_in_one_line(mesh_runs):
+def test_mesh_errors_name_the_devices_and_the_batch_in_one_line(mesh_runs):
   _, result, _ = mesh_runs
   for name, expected in {
       "count": "mesh.data * mesh.fsdp * mesh.tensor = 4 * 4 * 1 = 16, but there are 8 devices",
-      "tensor": "layers/mlp/down_proj/weight (NF4 absmax) has in/block_size (in = 256, "
-                "block_size = 64) = 4, not divisible by mesh axis 'tensor' of size 8",
       "rows": "micro_batch_size = 2 must be divisible by mesh.data * mesh.fsdp = 4 * 2 = 8"}.items():
     rc, err = result[name]
     line = err.rstrip("\n").splitlines()[-1]  # (after the loading bar, where a model loads)
     assert rc == 2 and "Traceback" not in err, (name, err)
     assert line.startswith("jqlora train: error: ") and expected in line, err
+
+
+def test_an_axis_that_does_not_divide_a_tensor_leaves_it_unsplit_with_one_warning(mesh_runs):
+  tmp, result, _ = mesh_runs
+  rc, err = result["tensor"]  # mesh.tensor=8: down_proj's 4 input blocks cannot split 8 ways
+  assert rc == 0 and "Traceback" not in err, err
+  losses = {name: [json.loads(l)["loss"] for l in (tmp / name / "metrics.jsonl").read_text()
+                   .splitlines() if "loss" in json.loads(l)] for name in ("single", "tensor")}
+  np.testing.assert_allclose(losses["tensor"], losses["single"], rtol=0, atol=1e-5)
+  warnings = [line for line in err.splitlines() if "left unsplit" in line]
+  assert len(warnings) == 1, err
+  assert "layers/mlp/down_proj/weight (NF4 absmax) (in/block_size (in = 256, block_size = 64) " \
+         "= 4 on 'tensor' of size 8)" in warnings[0]
 
 
 def test_mesh_keys_nested_or_dotted_and_bad_values(trained, capsys):
@@ -198,7 +233,7 @@ def test_mesh_keys_nested_or_dotted_and_bad_values(trained, capsys):
 
 def test_plan_command_exits_0_when_it_fits_and_1_when_not(capsys):
   assert main(["plan", "--model", "llama-65b", "--memory-per-device", "48GiB", "--lora-r",
-               "64"]) == 0
+               "64", "--checkpointing"]) == 0
   out = capsys.readouterr().out
   assert "NF4 weights (codes)" in out and "fits" in out and "NOT" not in out
   assert main(["plan", "--model", "llama-7b", "--devices", "8", "--tensor", "2",
@@ -212,7 +247,7 @@ def test_plan_command_exits_0_when_it_fits_and_1_when_not(capsys):
 
 def test_plan_prints_the_table_and_exits_1_when_it_does_not_fit(capsys, tmp_path):
   assert main(["plan", "--model", "llama-65b", "--devices", "1", "--memory-per-device", "48GiB",
-               "--batch", "1", "--seq", "512", "--lora-r", "64"]) == 0
+               "--batch", "1", "--seq", "512", "--lora-r", "64", "--checkpointing"]) == 0
   out = capsys.readouterr().out
   assert "NF4 weights (codes)" in out and "fits" in out and "NOT" not in out
   config = tmp_path / "config.json"

@@ -7,6 +7,7 @@ a subprocess (``XLA_FLAGS`` must be set before JAX starts), which prints JSON.
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import tempfile
@@ -16,7 +17,8 @@ import numpy as np
 import pytest
 
 import jqlora
-from jqlora.generate import generate, generate_ids
+from jqlora import cli
+from jqlora.generate import _decode, generate, generate_ids
 
 pytestmark = pytest.mark.slow  # decodes the default model; a subprocess on 8 devices
 
@@ -65,6 +67,68 @@ def test_text_generation_uses_the_chat_template(model):
                add_special_tokens=False)["input_ids"]
   expected = _greedy_reference(model, prompt, 4)
   assert answer == tok.decode(expected, skip_special_tokens=True).strip()
+
+
+def _truncated(rows, stop_ids):
+  """Each row up to and including its first stop token."""
+  out = []
+  for row in rows:
+    stops = [i for i, t in enumerate(row) if t in stop_ids]
+    out.append(row[:stops[0] + 1] if stops else row)
+  return out
+
+
+def test_greedy_decoding_ends_when_every_row_has_stopped(model):
+  prompts = [[5, 17, 99, 3], [42, 7], [8, 9, 10, 11, 12, 13, 14]]
+  full = [_greedy_reference(model, p, 16) for p in prompts]
+  stop_ids = sorted({row[1] for row in full} | {full[0][3]})  # every row stops by step 2
+  expected = _truncated(full, stop_ids)
+  out, steps = _decode(model, prompts, max_new_tokens=16, stop_ids=stop_ids, pad_id=0,
+                       temperature=0.0, top_p=1.0, seed=0)
+  assert out == expected
+  assert steps == max(len(e) for e in expected) <= 2  # not 16: the loop ended early
+  # a row that never stops runs the loop to the end
+  never, steps = _decode(model, prompts, max_new_tokens=16, stop_ids=[-1], pad_id=0,
+                         temperature=0.0, top_p=1.0, seed=0)
+  assert never == full and steps == 16
+
+
+@pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (2.0, 0.9)])
+def test_sampling_ends_early_with_the_tokens_of_a_full_length_decode(model, temperature, top_p):
+  prompts = [[5, 17, 99, 3], [42, 7], list(range(10, 30))]  # two width buckets: 16 and 32
+  kw = {"max_new_tokens": 20, "pad_id": 0, "temperature": temperature, "top_p": top_p, "seed": 7}
+  full, steps = _decode(model, prompts, stop_ids=[-1], **kw)
+  assert steps == 20 and [len(f) for f in full] == [20, 20, 20]
+  stop_ids = sorted({row[4] for row in full})
+  expected = _truncated(full, stop_ids)
+  out, steps = _decode(model, prompts, stop_ids=stop_ids, **kw)
+  assert out == expected  # the same per-step keys whether or not the loop ends early
+  assert steps == max(len(e) for e in expected) <= 5
+
+
+def test_max_new_tokens_zero_generates_nothing(model):
+  assert generate_ids(model, [[5, 17], [3]], max_new_tokens=0, stop_ids=[2]) == [[], []]
+
+
+def test_cli_generate_verbose_reports_tokens_and_speed(data_dir, tmp_path, capsys):
+  from training.toy import tiny_model_dir
+
+  model_dir = tiny_model_dir(data_dir, tmp_path)
+  assert cli.main(["generate", "--model", str(model_dir), "--prompt", "hi", "--prompt", "ho",
+                   "--max-new-tokens", "5", "--verbose"]) == 0
+  out, err = capsys.readouterr()
+  assert len(out.splitlines()) == 2  # one answer per prompt on stdout; the report on stderr
+  [report] = [l for l in err.splitlines() if l.startswith("generated ")]
+  m = re.fullmatch(r"generated (\d+) tokens for 2 prompts in ([\d.]+) s \(([\d.]+) tokens/s; "
+                   r"(\d+) of at most 5 decoding steps\)", report)
+  assert m, report
+  n, seconds, tokens_per_s, steps = int(m[1]), float(m[2]), float(m[3]), int(m[4])
+  assert 2 <= n <= 10 and 1 <= steps <= 5 and seconds > 0
+  assert tokens_per_s == pytest.approx(n / seconds, rel=0.05, abs=0.1)
+  capsys.readouterr()
+  assert cli.main(["generate", "--model", str(model_dir), "--prompt", "hi",
+                   "--max-new-tokens", "5"]) == 0
+  assert "tokens/s" not in capsys.readouterr().err  # quiet without --verbose
 
 
 # -- subprocess: a model sharded over a (2, 2, 2) mesh of 8 CPU devices --------------------

@@ -5,7 +5,8 @@
 - ``loading``: ``load_model`` / ``load_tokenizer`` for every checkpoint kind, and
   ``DEFAULT_MODEL``;
 - ``peft``: ``save_adapter`` / ``load_adapter`` in PEFT's format;
-- ``export``: a merged model written as a transformers folder.
+- ``export``: a merged model written as a transformers folder (adapters folded into
+  the base the model holds: dequantized NF4, or full precision).
 
 Readers need only the format; loading builds ``jqlora.models``; adapters go
 through ``jqlora.nn``'s surgery.

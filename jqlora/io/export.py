@@ -14,10 +14,17 @@ __all__ = ["save_merged"]
 
 
 def save_merged(model: Llama, out: str | pathlib.Path, tokenizer: Any | None = None) -> None:
-  """Writes ``model`` with every adapter merged in, full precision, to the folder ``out``.
+  """Writes ``model`` with every adapter merged in, float32, to the folder ``out``.
+
+  The adapters are merged into whatever base ``model`` holds: NF4 weights are
+  dequantized and the adapter added, ``W_nf4 + s·BA`` (as PEFT's
+  ``merge_and_unload`` on a 4-bit base; never re-quantized), full-precision
+  weights give ``W + s·BA``. A QLoRA adapter was trained against the NF4 base, so
+  load the base as training did (``load_model(path, quantize=True)``) to keep its
+  answers; ``jqlora export --merged --merge-into {nf4,original}`` chooses.
 
   Args:
-    model: a jqlora model (its NF4 weights are dequantized, never re-quantized).
+    model: a jqlora model, with or without adapters.
     out: the output folder (created): float32 ``model.safetensors`` and ``config.json``.
     tokenizer: a transformers tokenizer to save beside them, or None.
   """

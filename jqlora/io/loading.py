@@ -12,6 +12,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import importlib.util
+import logging
 import pathlib
 from collections.abc import Iterator
 from typing import Any
@@ -52,6 +53,21 @@ def _freed_memory_returns_at_once() -> Iterator[None]:
     yield
   finally:
     mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+
+
+def _import_transformers() -> None:
+  """Imports transformers without its "PyTorch was not found" notice (jqlora needs only its tokenizers).
+
+  transformers logs that notice once, on its first import where torch is missing; the filter
+  drops that record alone and is removed again, so every other message still shows.
+  """
+  notice = lambda record: not str(record.msg).startswith("PyTorch was not found")
+  logger = logging.getLogger("transformers")  # the logger transformers' own logging configures
+  logger.addFilter(notice)
+  try:
+    import transformers  # noqa: F401
+  finally:
+    logger.removeFilter(notice)
 
 
 def default_model_path() -> pathlib.Path:
@@ -158,9 +174,11 @@ def load_tokenizer(path: str | pathlib.Path) -> Any:
       raise FileNotFoundError(
           f"{p}: no tokenizer files (looked for {', '.join(_TOKENIZER_FILES)}); save the "
           "tokenizer into this folder or load it from the base model's folder")
+    _import_transformers()
     from transformers import AutoTokenizer  # local: slow to import
     return AutoTokenizer.from_pretrained(p, local_files_only=True)
   if p.suffix != ".gguf":
     raise ValueError(f"{p}: expected a folder with tokenizer files or a .gguf file")
+  _import_transformers()
   from jqlora.io.gguf_tokenizer import gguf_tokenizer  # local: imports transformers
   return gguf_tokenizer(GGUFSource(p))

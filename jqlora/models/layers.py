@@ -16,6 +16,7 @@ from flax import nnx
 
 from jqlora.models.config import LlamaConfig
 from jqlora.nn import Frozen, Linear
+from jqlora.ops import attention
 
 __all__ = ["rope_inv_freq", "rope", "RMSNorm", "Attention", "MLP", "Block"]
 
@@ -63,7 +64,8 @@ class RMSNorm(nnx.Module):
 
 
 class Attention(nnx.Module):
-  """Grouped-query attention with RoPE and an optional KV cache (one layer)."""
+  """Grouped-query attention with RoPE and an optional KV cache (one layer); the softmax
+  attention itself is ``jqlora.ops.attention`` (cuDNN's flash kernel on a GPU)."""
 
   def __init__(self, q_proj: Linear, k_proj: Linear, v_proj: Linear, o_proj: Linear, *,
                num_heads: int, num_kv_heads: int, head_dim: int):
@@ -81,12 +83,7 @@ class Attention(nnx.Module):
     if kv is not None:
       k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, index, 0, 0))
       v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, index, 0, 0))
-    q = q.reshape(b, t, kvh, h // kvh, dh)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(q.dtype),
-                        preferred_element_type=jnp.float32) * (dh ** -0.5)
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(x.dtype)).reshape(b, t, h * dh)
+    out = attention(q.astype(x.dtype), k, v, mask).reshape(b, t, h * dh)
     return self.o_proj(out, rng=rngs[3]), (k, v)
 
 

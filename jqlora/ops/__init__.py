@@ -1,4 +1,4 @@
-"""NF4 operations behind one backend registry: ``dequantize_nf4`` and ``nf4_matmul``.
+"""Operations behind one backend registry: ``dequantize_nf4``, ``nf4_matmul`` and ``attention``.
 
 Each op lists its backends in order of preference and falls through to the next
 on ``NotImplementedError`` (``jqlora.ops.registry``); ``backend=`` or
@@ -6,9 +6,10 @@ on ``NotImplementedError`` (``jqlora.ops.registry``); ``backend=`` or
 (``pallas_kernels``, ``jqlora.kernels``) and below the modules.
 """
 
+from jqlora.ops.attention import ATTENTION, attention, attention_reference
 from jqlora.ops.dequantize import DEQUANTIZE, dequantize_nf4
 from jqlora.ops.matmul import NF4_MATMUL, nf4_matmul
 from jqlora.ops.registry import ENV_VAR, Implementation, Op
 
-__all__ = ["DEQUANTIZE", "ENV_VAR", "Implementation", "NF4_MATMUL", "Op", "dequantize_nf4",
-           "nf4_matmul"]
+__all__ = ["ATTENTION", "DEQUANTIZE", "ENV_VAR", "Implementation", "NF4_MATMUL", "Op", "attention",
+           "attention_reference", "dequantize_nf4", "nf4_matmul"]

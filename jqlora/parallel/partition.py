@@ -29,6 +29,7 @@ parameter's metadata), so optimizer state is sharded like the adapters.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -47,6 +48,8 @@ __all__ = ["RULES", "partition_specs", "model_shardings"]
 RULES: tuple[tuple[str, str | None], ...] = (
     (STACK_AXIS, None), ("vocab", "tensor"), ("embed", "fsdp"), ("heads", "tensor"),
     ("kv_heads", "tensor"), ("mlp", "tensor"))
+_SHOWN = 6  # tensors named in the unsplit warning
+_log = logging.getLogger("jqlora.parallel")
 
 
 def _key_name(k: Any) -> str | None:
@@ -66,10 +69,19 @@ def _mesh_size(axis: str | tuple[str, ...], mesh_shape: Mapping[str, int]) -> in
   return math.prod(mesh_shape[a] for a in ((axis,) if isinstance(axis, str) else axis))
 
 
+class _Unsplit(list):
+  """What ``partition_specs`` left unsplit: one ``"where (label = size on axis of n)"`` each."""
+
+  def __init__(self, strict: bool):
+    super().__init__()
+    self.strict = strict
+
+
 def _fit(spec: P, shape: tuple[int, ...], where: str, mesh_shape: Mapping[str, int],
-         labels: Sequence[str], optional: Sequence[int] = ()) -> P:
-  """``spec`` for an array of ``shape``; an optional dimension a mesh axis does not divide
-  is left unsplit, any other raises naming the tensor, the dimension and the axis."""
+         labels: Sequence[str], unsplit: _Unsplit, optional: Sequence[int] = ()) -> P:
+  """``spec`` for an array of ``shape``. A dimension its mesh axis does not divide is left
+  unsplit: silently where ``optional`` (a LoRA rank), else noted in ``unsplit`` (or, when
+  ``unsplit.strict``, a ValueError naming the tensor, the dimension and the axis)."""
   axes = list(tuple(spec) + (None,) * (len(shape) - len(tuple(spec))))[:len(shape)]
   optional = {d % len(shape) for d in optional} if shape else set()
   for dim, (size, axis) in enumerate(zip(shape, axes)):
@@ -78,12 +90,14 @@ def _fit(spec: P, shape: tuple[int, ...], where: str, mesh_shape: Mapping[str, i
     n = _mesh_size(axis, mesh_shape)
     if size % n == 0:
       continue
+    axes[dim] = None
     if dim in optional:
-      axes[dim] = None
       continue
-    raise ValueError(
-        f"sharding: {where} has {labels[dim]} = {size}, not divisible by mesh axis {axis!r} of "
-        f"size {n} (shape {shape}); change the mesh or the model size")
+    if unsplit.strict:
+      raise ValueError(
+          f"sharding: {where} has {labels[dim]} = {size}, not divisible by mesh axis {axis!r} of "
+          f"size {n} (shape {shape}); change the mesh or the model size")
+    unsplit.append(f"{where} ({labels[dim]} = {size} on {axis!r} of size {n})")
   return P(*axes) if any(a is not None for a in axes) else P()
 
 
@@ -97,7 +111,7 @@ def _labels(variable: nnx.Variable, ndim: int) -> list[str]:
 
 
 def _nf4_specs(t: NF4Tensor, spec: P, variable: nnx.Variable, where: str,
-               mesh_shape: Mapping[str, int]) -> NF4Tensor:
+               mesh_shape: Mapping[str, int], unsplit: _Unsplit) -> NF4Tensor:
   """The weight's spec applied to its storage, as an ``NF4Tensor`` of specs."""
   rep = lambda x: None if x is None else P()
   if not t.row_aligned or not any(a is not None for a in tuple(spec)):
@@ -106,7 +120,8 @@ def _nf4_specs(t: NF4Tensor, spec: P, variable: nnx.Variable, where: str,
     ndim = len(t.full_shape)
     labels = _labels(variable, ndim)
     labels[-1] = f"in/block_size ({labels[-1]} = {t.shape[-1]}, block_size = {t.block_size})"
-    spec_a = _fit(spec, tuple(t.absmax.shape), f"{where} (NF4 absmax)", mesh_shape, labels)
+    spec_a = _fit(spec, tuple(t.absmax.shape), f"{where} (NF4 absmax)", mesh_shape, labels,
+                  unsplit)
     spec_p = spec_a  # packed [.., in/2] splits exactly where absmax [.., in/B] does
   return NF4Tensor(spec_p, spec_a, rep(t.absmax2), rep(t.offset), shape=t.shape, dtype=t.dtype,
                    block_size=t.block_size, double_quant=t.double_quant)
@@ -120,25 +135,31 @@ def _as_state(model_or_state: Any) -> Any:
 
 
 def partition_specs(model_or_state: Any, mesh: Mesh | AbstractMesh, *,
-                    rules: Sequence[tuple[str, str | None]] = RULES) -> Any:
+                    rules: Sequence[tuple[str, str | None]] = RULES, strict: bool = False) -> Any:
   """``PartitionSpec`` of every leaf of a model's (or optimizer's) state, from its metadata.
+
+  A dimension that its mesh axis does not divide (SmolLM2's 576 inputs are 9 blocks
+  of 64, which ``fsdp=2`` cannot halve) is left unsplit for that tensor, and one
+  warning line on the ``jqlora.parallel`` logger names every such tensor.
 
   Args:
     model_or_state: an NNX module/optimizer, or a state of its Variables (a pytree
       of bare arrays is replicated).
     mesh: a ``Mesh`` or ``jax.sharding.AbstractMesh`` (only axis sizes are read).
     rules: logical axis name -> mesh axis (``RULES`` by default).
+    strict: raise instead of leaving a dimension unsplit.
 
   Returns:
     A pytree of the state's structure with a ``PartitionSpec`` per array (NF4
     weights hold an ``NF4Tensor`` of specs).
 
   Raises:
-    ValueError: a split dimension is not divisible by its mesh axis (names the
-      tensor's path, the dimension and the axis).
+    ValueError: with ``strict``, a split dimension is not divisible by its mesh axis
+      (names the tensor's path, the dimension and the axis).
   """
   state = _as_state(model_or_state)
   mesh_shape = dict(mesh.shape)
+  unsplit = _Unsplit(strict)
   with nnx.logical_axis_rules(tuple(rules)):
     specs = nnx.get_partition_spec(state)
 
@@ -149,17 +170,24 @@ def partition_specs(model_or_state: Any, mesh: Mesh | AbstractMesh, *,
     value = variable.get_value()
     where = _where(path)
     if isinstance(value, NF4Tensor):
-      out = _nf4_specs(value, spec if spec is not None else P(), variable, where, mesh_shape)
+      out = _nf4_specs(value, spec if spec is not None else P(), variable, where, mesh_shape,
+                       unsplit)
     elif spec is None or not hasattr(value, "shape"):
       out = P()
     else:
       shape = tuple(value.shape)
       optional = variable.get_metadata().get(OPTIONAL_KEY, ())
-      out = _fit(spec, shape, where, mesh_shape, _labels(variable, len(shape)), optional)
+      out = _fit(spec, shape, where, mesh_shape, _labels(variable, len(shape)), unsplit, optional)
     return variable.replace(out)
 
   is_var = lambda x: isinstance(x, nnx.Variable)
-  return jax.tree_util.tree_map_with_path(rule, state, specs, is_leaf=is_var)
+  out = jax.tree_util.tree_map_with_path(rule, state, specs, is_leaf=is_var)
+  if unsplit:
+    shown = "; ".join(unsplit[:_SHOWN]) + (f"; and {len(unsplit) - _SHOWN} more"
+                                           if len(unsplit) > _SHOWN else "")
+    _log.warning("sharding: %d tensor(s) left unsplit where the mesh does not divide them: %s",
+                 len(unsplit), shown)
+  return out
 
 
 def model_shardings(model_or_state: Any, mesh: Mesh, **kwargs) -> Any:

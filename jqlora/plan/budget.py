@@ -11,7 +11,7 @@ Storage is exact (bitsandbytes' layout: 4 bits per weight, a uint8 scale per
 Activations follow a model of jqlora's compiled step, stated in "copies" of
 per-token vectors saved per layer and of one layer's working set, with
 coefficients measured from XLA's buffer assignment (``memory_analysis()`` of the
-jitted step) over a grid of model shapes; ``tests/test_plan.py`` checks it
+jitted step) over a grid of model shapes; ``tests/plan/test_plan.py`` checks it
 against fresh measurements.
 """
 
@@ -71,6 +71,9 @@ class Plan:
       and with per-layer checkpointing; ``activations`` is the chosen one.
     total: the sum of the above with the chosen activations.
     memory_per_device: the budget; ``fits``: ``total <= memory_per_device``.
+    lora_r, target_modules: the adapters' rank and the decoder linears adapted.
+    dtype, base_dtype, adapter_dtype: of activations, float frozen weights, adapters.
+    optimizer_offload: Adam moments on the host (not counted).
   """
 
   model: str
@@ -88,6 +91,12 @@ class Plan:
   activations_full: int
   activations_checkpointed: int
   memory_per_device: int | None
+  lora_r: int = 8
+  target_modules: tuple[str, ...] = _LINEARS
+  dtype: str = "bfloat16"
+  base_dtype: str = "bfloat16"
+  adapter_dtype: str = "float32"
+  optimizer_offload: bool = False
 
   @property
   def activations(self) -> int:
@@ -168,12 +177,15 @@ def _nf4_bytes(out: int, inp: int, block_size: int, double_quant: bool) -> tuple
 
 def plan(model: LlamaConfig | Mapping[str, Any] | str | pathlib.Path, *, devices: int = 1,
          memory_per_device: int | str | None = None, batch: int = 1, seq: int = 512,
-         lora_r: int = 16, target_modules: str | Sequence[str] = "all-linear",
+         lora_r: int = 8, target_modules: str | Sequence[str] = "all-linear",
          data: int | None = None, fsdp: int | None = None, tensor: int = 1,
-         checkpointing: bool = True, dtype: str = "bfloat16", base_dtype: str | None = None,
+         checkpointing: bool = False, dtype: str = "bfloat16", base_dtype: str | None = None,
          adapter_dtype: str = "float32", block_size: int = 64, double_quant: bool = True,
          optimizer_offload: bool = False) -> Plan:
   """The per-device memory budget of QLoRA training.
+
+  The defaults are ``jqlora train``'s (``TrainConfig``): rank 8 on every decoder
+  linear, batch 1 x 512 tokens, bfloat16, no activation checkpointing.
 
   Args:
     model: a ``LlamaConfig``, an HF ``config.json`` dict or path, a checkpoint
@@ -184,7 +196,8 @@ def plan(model: LlamaConfig | Mapping[str, Any] | str | pathlib.Path, *, devices
     lora_r, target_modules: adapter rank and the decoder linears adapted.
     data, fsdp, tensor: the mesh; by default all devices beyond ``tensor`` go to
       ``fsdp`` (the frozen weights are split across every device).
-    checkpointing: recompute each layer in the backward pass.
+    checkpointing: recompute each layer in the backward pass (training's
+      ``gradient_checkpointing``, off by default there too).
     dtype: compute dtype of the activations; base_dtype: of the float frozen
       weights (default ``dtype``); adapter_dtype: of adapters and gradients.
     block_size, double_quant: NF4 settings.
@@ -245,8 +258,9 @@ def plan(model: LlamaConfig | Mapping[str, Any] | str | pathlib.Path, *, devices
               L * copies(_SAVED_REMAT) + logits_phase)
 
   adapters = -(-adapter_params // split)
-  name = c.hf.get("_name_or_path") or (
-      f"{c.model_type} L={L} d={d} ffn={c.intermediate_size} vocab={V}")
+  shape = f"{c.model_type} L={L} d={d} ffn={c.intermediate_size} vocab={V}"
+  name = str(model) if isinstance(model, (str, pathlib.Path)) else c.hf.get("_name_or_path")
+  name = f"{name} ({shape})" if name else shape
   return Plan(
       model=str(name), mesh={"data": data, "fsdp": fsdp, "tensor": tensor}, batch=batch,
       seq=seq, tokens_per_device=n, checkpointing=checkpointing,
@@ -256,7 +270,9 @@ def plan(model: LlamaConfig | Mapping[str, Any] | str | pathlib.Path, *, devices
       adapters=adapters * s_ad, gradients=adapters * s_ad,
       optimizer=0 if optimizer_offload else adapters * 8,
       activations_full=int(full), activations_checkpointed=int(remat),
-      memory_per_device=None if memory_per_device is None else parse_size(memory_per_device))
+      memory_per_device=None if memory_per_device is None else parse_size(memory_per_device),
+      lora_r=lora_r, target_modules=targets, dtype=dtype, base_dtype=base_dtype or dtype,
+      adapter_dtype=adapter_dtype, optimizer_offload=optimizer_offload)
 
 
 def _human(n: int) -> str:
@@ -267,9 +283,33 @@ def _human(n: int) -> str:
   return f"{n}"
 
 
-def format_plan(p: Plan) -> str:
-  """A table of ``p``'s bytes per device and the verdict."""
+def _assumptions(p: Plan) -> list[tuple[str, str]]:
+  """``(what, assumed)`` rows: the run ``p`` was computed for."""
+  devices = p.mesh["data"] * p.mesh["fsdp"] * p.mesh["tensor"]
   mesh = " x ".join(f"{k}={v}" for k, v in p.mesh.items())
+  targets = "all-linear" if tuple(p.target_modules) == _LINEARS else ",".join(p.target_modules)
+  floats = (f"{p.dtype} activations and float weights" if p.base_dtype == p.dtype
+            else f"{p.dtype} activations, {p.base_dtype} float weights")
+  return [
+      ("model", p.model),
+      ("devices, mesh", f"{devices} device{'s' if devices > 1 else ''}: {mesh}"),
+      ("batch x seq", f"{p.batch} x {p.seq} (global; {p.tokens_per_device} tokens per device)"),
+      ("LoRA", f"r={p.lora_r} on {targets}"),
+      ("checkpointing", "on: each layer recomputed in the backward pass" if p.checkpointing
+       else "off: every layer's activations kept for the backward pass"),
+      ("dtype", f"{floats}; {p.adapter_dtype} adapters and gradients"),
+      ("optimizer offload", "on: Adam moments on the host (paged), not counted"
+       if p.optimizer_offload else "off: Adam's two float32 moments on the device"),
+  ]
+
+
+def format_plan(p: Plan, header: str = "assumptions:") -> str:
+  """The assumptions ``p`` was computed for, a table of its bytes per device and the verdict.
+
+  Args:
+    p: a ``Plan``.
+    header: the line above the assumptions (say where they came from).
+  """
   rows = [("NF4 weights (codes)", p.nf4_weights), ("NF4 scales", p.nf4_scales),
           ("frozen float weights", p.frozen_weights), ("LoRA adapters", p.adapters),
           ("adapter gradients", p.gradients), ("optimizer state (Adam)", p.optimizer),
@@ -277,8 +317,9 @@ def format_plan(p: Plan) -> str:
            p.activations_full),
           ("activations, per-layer checkpointing" + (" *" if p.checkpointing else " "),
            p.activations_checkpointed)]
-  lines = [f"model: {p.model}", f"mesh: {mesh}; batch {p.batch} x seq {p.seq} "
-           f"({p.tokens_per_device} tokens per device)", ""]
+  assumed = _assumptions(p)
+  label_width = max(len(k) for k, _ in assumed) + 2
+  lines = [header] + [f"  {k:<{label_width}}{v}" for k, v in assumed] + [""]
   width = max(len(r[0]) for r in rows) + 2
   lines += [f"{label:<{width}}{_human(v):>14}" for label, v in rows]
   lines += ["-" * (width + 14), f"{'total per device (*)':<{width}}{_human(p.total):>14}"]

@@ -1,11 +1,19 @@
 """The training configuration: flat, axolotl-like YAML keys with ``key=value`` overrides.
 
-A config file is one mapping of the keys of :class:`TrainConfig`; relative paths
-in it (datasets, output directory, a local base model) are resolved against the
-file's folder. The ``mesh`` and ``distributed`` sections are written either as
-nested mappings (``mesh: {data: 2, tensor: 2}``) or as dotted keys
-(``mesh.data: 2``, and ``mesh.data=2`` on the command line). Every error names
-the file and key and says what was expected.
+A config file is one mapping of the keys of :class:`TrainConfig`. Relative paths
+(datasets, output directory, a local base model) are resolved against the folder
+of the YAML file when written in it, and against the current directory when given
+on the command line (``jqlora train --config configs/x.yaml dataset=my.jsonl``
+reads ``./my.jsonl``). The ``mesh`` and ``distributed`` sections are written either
+as nested mappings (``mesh: {data: 2, tensor: 2}``) or as dotted keys
+(``mesh.data: 2``, and ``mesh.data=2`` on the command line).
+
+Values are read as users write them: numbers such as ``2e-4``, ``1e4`` or ``5E-3``
+(which YAML 1.1 reads as strings) are numbers for float and int keys (an int key
+takes a whole number only), and a list key also takes a comma list
+(``lora_target_modules=q_proj,v_proj``). Every error is one line that names its
+culprit, the file and key or the override (``command line: override lora_r=abc:
+lora_r must be int, got 'abc'``), and says what was expected.
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import pathlib
+import re
 import types
 import typing
 from typing import Any, Literal
@@ -127,21 +136,36 @@ def _type_name(tp: Any) -> str:
   return "null" if tp is type(None) else tp.__name__
 
 
+#: A number as users write it; YAML 1.1 leaves ``2e-4``, ``1e4``, ``1.0e4`` as strings.
+_NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
+#: A comma list of names (``q_proj, v_proj``), not a regex such as ``x{1,3}``.
+_NAME_LIST = re.compile(r"[\w.\-]+(?:\s*,\s*[\w.\-]+)+\s*,?")
+
+
 def _coerce(value: Any, tp: Any) -> Any:
-  """``value`` as type ``tp`` (ints accepted for floats), else raises TypeError."""
+  """``value`` as type ``tp``, else raises TypeError.
+
+  Ints are accepted for floats, whole numbers for ints, number strings
+  (``"2e-4"``) for both, and a comma string for a list.
+  """
   origin = typing.get_origin(tp)
   if origin is Literal:
     if value in typing.get_args(tp):
       return value
     raise TypeError
   if origin in (typing.Union, types.UnionType):
-    for option in typing.get_args(tp):
+    options = typing.get_args(tp)
+    if isinstance(value, str) and _NAME_LIST.fullmatch(value.strip()):
+      options = sorted(options, key=lambda o: typing.get_origin(o) is not list)  # lists first
+    for option in options:
       try:
         return _coerce(value, option)
       except TypeError:
         pass
     raise TypeError
   if origin is list:
+    if isinstance(value, str):
+      value = [v.strip() for v in value.split(",") if v.strip()]
     if isinstance(value, list):
       return [_coerce(v, typing.get_args(tp)[0]) for v in value]
     raise TypeError
@@ -149,8 +173,12 @@ def _coerce(value: Any, tp: Any) -> Any:
     if value is None:
       return None
     raise TypeError
+  if tp in (int, float) and isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+    value = float(value)
   if tp is float and isinstance(value, int) and not isinstance(value, bool):
     return float(value)
+  if tp is int and isinstance(value, float) and value.is_integer():
+    return int(value)
   if tp is bool and not isinstance(value, bool):
     raise TypeError
   if tp is int and isinstance(value, bool):
@@ -158,6 +186,17 @@ def _coerce(value: Any, tp: Any) -> Any:
   if isinstance(value, tp):
     return value
   raise TypeError
+
+
+def _render(value: Any) -> str:
+  """An override's value as it would be typed (``lora_r=abc``, ``max_steps=null``)."""
+  if value is None:
+    return "null"
+  if isinstance(value, bool):
+    return str(value).lower()
+  if isinstance(value, list):
+    return ",".join(map(_render, value))
+  return str(value)
 
 
 def _check_key(key: str, where: str) -> None:
@@ -186,15 +225,20 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
   """``["lora_r=16", "mesh.data=2"]`` -> dict, values parsed as YAML scalars.
 
   Raises:
-    ConfigError: for an item without ``=`` or an unknown key.
+    ConfigError: for an item without ``=``, an unknown key or a value that is not YAML;
+      the message names the override.
   """
   out: dict[str, Any] = {}
   for item in items:
     key, sep, raw = item.partition("=")
     if not sep or not key:
-      raise ConfigError(f"override {item!r} is not of the form key=value")
-    _check_key(key, "command line")
-    out[key] = yaml.safe_load(raw) if raw else ""
+      raise ConfigError(f"command line: override {item!r} is not of the form key=value")
+    _check_key(key, f"command line: override {item}")
+    try:
+      out[key] = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError as e:
+      problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+      raise ConfigError(f"command line: override {item}: not a valid value ({problem})") from None
   return out
 
 
@@ -203,8 +247,10 @@ def load_config(path: str | pathlib.Path | None, overrides: dict[str, Any] | Non
   """Reads a YAML config, applies overrides and validates every value.
 
   Args:
-    path: the YAML file (None: only ``overrides``, paths relative to the cwd).
-    overrides: ``key -> value`` applied over the file (``parse_overrides``).
+    path: the YAML file (None: only ``overrides``).
+    overrides: ``key -> value`` applied over the file (``parse_overrides``), as
+      given on the command line: their relative paths are resolved against the
+      current directory, those of the file against the file's folder.
     check_files: require the dataset files to exist.
 
   Returns:
@@ -212,11 +258,12 @@ def load_config(path: str | pathlib.Path | None, overrides: dict[str, Any] | Non
 
   Raises:
     ConfigError: unknown key (with the nearest known one), wrong type, bad
-      value or missing dataset file; the message names the file and key.
+      value or missing dataset file; the message names the file and key, or
+      the override (``command line: override lora_r=abc: ...``).
   """
   raw: dict[str, Any] = {}
   where = "command line"
-  base = pathlib.Path.cwd()
+  file_base = cwd = pathlib.Path.cwd()
   if path is not None:
     path = pathlib.Path(path)
     where = str(path)
@@ -234,34 +281,44 @@ def load_config(path: str | pathlib.Path | None, overrides: dict[str, Any] | Non
     for key in loaded:
       _check_key(key, where)
     raw.update(loaded)
-    base = path.resolve().parent
+    file_base = path.resolve().parent
+  overridden: set[str] = set()
   for key, value in (overrides or {}).items():
-    _check_key(key, "command line")
+    _check_key(key, f"command line: override {key}={_render(value)}")
     raw[key] = value
+    overridden.add(key)
+
+  def culprit(key: str) -> str:
+    return f"command line: override {key}={_render(raw[key])}" if key in overridden else where
+
+  def base(key: str) -> pathlib.Path:
+    return cwd if key in overridden else file_base
+
   values: dict[str, Any] = {}
   for key, value in raw.items():
     tp = _key_type(key)
     try:
       values[key] = _coerce(value, tp)
     except TypeError:
-      raise ConfigError(f"{where}: {key} must be {_type_name(tp)}, got {value!r} "
-                        f"({type(value).__name__})") from None
+      kind = "" if isinstance(value, str) else f" ({type(value).__name__})"
+      raise ConfigError(f"{culprit(key)}: {key} must be {_type_name(tp)}, got {value!r}{kind}") from None
   for key in _PATH_KEYS:
     if values.get(key):
-      values[key] = str((base / values[key]).resolve())
+      values[key] = str((base(key) / values[key]).resolve())
   model = values.get("base_model")
-  if model and (model.startswith(".") or "/" in model) and (base / model).exists():
-    values["base_model"] = str((base / model).resolve())
+  if model and (model.startswith(".") or "/" in model) and (base("base_model") / model).exists():
+    values["base_model"] = str((base("base_model") / model).resolve())
   sections = {name: {k.partition(".")[2]: values.pop(k) for k in list(values)
                      if k.startswith(name + ".")} for name in _SECTIONS}
   try:
     sections = {name: _SECTIONS[name](**kw) for name, kw in sections.items()}
     config = TrainConfig(**values, **sections)
   except ConfigError as e:
-    raise ConfigError(f"{where}: {e}") from None
+    key = str(e).split(" ", 1)[0]  # the messages start with the key: "lora_r must be >= 1"
+    raise ConfigError(f"{culprit(key)}: {e}") from None
   if check_files:
     for key in ("dataset", "eval_dataset"):
       file = getattr(config, key)
       if file and not pathlib.Path(file).is_file():
-        raise ConfigError(f"{where}: {key} file {file} does not exist")
+        raise ConfigError(f"{culprit(key)}: {key} file {file} does not exist")
   return config

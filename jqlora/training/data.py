@@ -75,28 +75,37 @@ def detect_format(record: dict[str, Any], where: str = "") -> str:
   if "text" in record:
     return "text"
   raise DataError(f"{where}: cannot tell the format from keys {sorted(record)}; expected "
-                  "'messages' (chat), 'instruction' + 'output' (alpaca) or 'text'")
+                  "'messages' (chat), 'instruction' + 'output' (alpaca) or 'text', "
+                  "or set dataset_type: chat|alpaca|text")
 
 
-def _check(record: dict[str, Any], fmt: str, where: str) -> None:
+def _check(record: dict[str, Any], fmt: str, where: str, how: str = "") -> None:
+  """Raises DataError for a record that is not of format ``fmt``; ``how``: how ``fmt`` was chosen."""
+  if how:
+    tag, fix = f"{fmt} format, {how}", "set dataset_type: chat|alpaca|text or fix the record"
+  else:
+    tag, fix = f"{fmt} format", ""
+
+  def fail(problem: str) -> DataError:
+    return DataError(f"{where}: {problem} ({tag}){'; ' + fix if fix else ''}")
+
   if fmt == "chat":
     msgs = record.get("messages")
     ok = isinstance(msgs, list) and msgs and all(
         isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
         for m in msgs)
     if not ok:
-      raise DataError(f"{where}: expected 'messages': a non-empty list of "
-                      "{\"role\": str, \"content\": str}")
+      raise fail("expected 'messages': a non-empty list of {\"role\": str, \"content\": str}")
     if not any(m["role"] == "assistant" for m in msgs):
-      raise DataError(f"{where}: a chat record needs at least one 'assistant' message")
+      raise fail("a chat record needs at least one 'assistant' message")
   elif fmt == "alpaca":
     for key in ("instruction", "output"):
       if not isinstance(record.get(key), str):
-        raise DataError(f"{where}: expected a string '{key}' (alpaca format)")
+        raise fail(f"expected a string '{key}'")
     if not isinstance(record.get("input", ""), str):
-      raise DataError(f"{where}: expected 'input' to be a string (alpaca format)")
+      raise fail("expected 'input' to be a string")
   elif not isinstance(record.get("text"), str):
-    raise DataError(f"{where}: expected a string 'text' (text format)")
+    raise fail("expected a string 'text'")
 
 
 def to_messages(record: dict[str, Any], fmt: str) -> list[dict[str, str]]:
@@ -198,11 +207,14 @@ def load_dataset(path: str | pathlib.Path, tokenizer: Any, *, fmt: str = "auto",
   records = read_jsonl(path)
   lines = _record_lines(path)
   if fmt == "auto":
-    fmt = detect_format(records[0], f"{path}:{lines[0]}")
-  elif fmt not in FORMATS:
+    fmt, how = detect_format(records[0], f"{path}:{lines[0]}"), f"detected from line {lines[0]}"
+  elif fmt in FORMATS:
+    how = "as dataset_type says"
+  else:
     raise DataError(f"dataset_type must be 'auto' or one of {FORMATS}, got {fmt!r}")
   examples, too_long = [], 0
   for record, line in zip(records, lines):
+    _check(record, fmt, f"{path}:{line}", how)  # the error says how the format was chosen
     ex = encode(record, tokenizer, fmt, train_on_inputs=train_on_inputs, where=f"{path}:{line}")
     if len(ex) > sequence_len:
       too_long += 1

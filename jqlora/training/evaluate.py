@@ -17,13 +17,16 @@ __all__ = ["eval_loss", "exact_match"]
 
 def eval_loss(model: nnx.Module, examples: Sequence[Example], *, batch_size: int,
               sequence_len: int, pad_id: int = 0,
-              place: Callable[[dict[str, Any]], dict[str, Any]] | None = None
-              ) -> tuple[float, float]:
+              place: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+              multiple_of: int = 1) -> tuple[float, float]:
   """Mean next-token loss over all target tokens of ``examples`` and its perplexity.
 
-  ``place`` puts each host batch on devices (e.g. ``jqlora.sharding.shard_batch``
-  on the model's mesh); by default the batches go to the default device.
+  ``place`` puts each host batch on devices (e.g. ``jqlora.parallel.shard_batch``
+  on the model's mesh); by default the batches go to the default device. Batches
+  are padded with empty rows (no targets, so the loss is unchanged) up to a
+  multiple of ``multiple_of`` rows, e.g. the mesh's ``data * fsdp`` batch shards.
   """
+  batch_size = -(-batch_size // multiple_of) * multiple_of
   total, count = 0.0, 0
   for batch in eval_batches(examples, batch_size, sequence_len, pad_id):
     t, c = eval_loss_sums(model, place(batch) if place else batch)

@@ -8,6 +8,25 @@ the same ``train_step``. Every process builds the same global batches and
 keeps its own rows; only process 0 prints, writes metrics and the adapter.
 Held-out exact match decodes on the same mesh: every process generates the
 answers to all held-out prompts together (``jqlora.generate``).
+
+SIGINT (Ctrl-C) and SIGTERM: for the duration of ``train`` (installed from the main
+thread only, the previous handlers put back after) the first signal lets the
+current step finish, saves a checkpoint at it and raises
+``TrainingInterrupted`` (``jqlora train`` prints "stopped at step N of M;
+checkpoint saved; run the same command to resume" and exits 130 / 143). Outside
+the steps (loading, the evaluations, writing the adapter) it stops at once: the
+checkpoints already hold everything. The first signal also gives both signals
+back their default action, so a second one ends the process immediately, even
+during a save; that cannot tear the last checkpoint, because orbax writes a step
+into a temporary folder and renames it when complete, and the adapter is written
+the same way. A signal is seen between Python operations, so one that arrives
+during a compiled step (or its compilation) acts when the step returns.
+
+``output_dir/metrics.jsonl`` holds one history: a resumed run first cuts it back
+to the restored step (rows a stopped or killed run logged after its last
+checkpoint would otherwise appear twice), and its last row, written when the
+adapter is saved, has ``adapter_dir``. Running a complete run again (its final
+checkpoint and that row present) prints that it is complete and changes nothing.
 """
 
 from __future__ import annotations
@@ -17,7 +36,10 @@ import functools
 import io
 import json
 import math
+import os
 import pathlib
+import shutil
+import signal
 import sys
 import time
 from typing import Any, TextIO
@@ -26,6 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from jqlora import parallel
 from jqlora.io import load_model, load_tokenizer, save_adapter
@@ -35,31 +58,62 @@ from jqlora.training.checkpoint import Checkpointer
 from jqlora.training.config import ConfigError, TrainConfig
 from jqlora.training.data import BatchIterator, Dataset, load_dataset
 from jqlora.training.evaluate import eval_loss, exact_match
+from jqlora.training.interrupt import Signalled, StopSignals
 from jqlora.training.optim import make_optimizer, make_schedule, make_tx
 from jqlora.training.step import train_step
 
-__all__ = ["TrainingError", "train"]
+__all__ = ["TrainingError", "TrainingInterrupted", "train"]
 
 
 class TrainingError(RuntimeError):
   """Training cannot go on (a non-finite loss); the last good checkpoint is kept."""
 
 
+class TrainingInterrupted(TrainingError):
+  """SIGINT or SIGTERM stopped ``train``; the message says where and how to resume.
+
+  Attributes:
+    signum: the signal.
+    step: the step the run stopped at (its checkpoint is saved when ``step`` > 0).
+    exit_code: ``128 + signum``, as a shell reports a process the signal ended
+      (130 for SIGINT, 143 for SIGTERM).
+  """
+
+  def __init__(self, message: str, *, signum: int, step: int):
+    super().__init__(message)
+    self.signum, self.step, self.exit_code = signum, step, 128 + signum
+
+
+@dataclasses.dataclass
+class _Progress:
+  """Where a run is, for the message of an interruption."""
+
+  step: int = 0
+  total: int | None = None
+  saved: int | None = None  # the step of the newest checkpoint
+
+  def stopped(self) -> str:
+    of = f" of {self.total}" if self.total is not None else ""
+    if self.saved:
+      return f"stopped at step {self.step}{of}; checkpoint saved; run the same command to resume"
+    return f"stopped at step {self.step}{of}, before the first checkpoint; run the same command to start"
+
+
 @dataclasses.dataclass
 class _Run:
-  """What ``train`` builds before the first step."""
+  """What ``train`` builds before the first step: the data (``_prepare``), then the model (``_build``)."""
 
   config: TrainConfig
-  model: nnx.Module
   tokenizer: Any
   train_set: Dataset
   eval_set: Dataset | None
   batches: BatchIterator
-  optimizer: nnx.Optimizer
-  schedule: Any
   total_steps: int
   pad_id: int
-  mesh: jax.parallel.Mesh | None
+  mesh: jax.sharding.Mesh | None
+  model: nnx.Module | None = None
+  optimizer: nnx.Optimizer | None = None
+  schedule: Any = None
 
 
 def _datasets(config: TrainConfig, tokenizer: Any) -> tuple[Dataset, Dataset | None]:
@@ -75,12 +129,13 @@ def _datasets(config: TrainConfig, tokenizer: Any) -> tuple[Dataset, Dataset | N
   return train_set, None
 
 
-def _mesh(config: TrainConfig) -> jax.parallel.Mesh | None:
+def _mesh(config: TrainConfig) -> jax.sharding.Mesh | None:
   """The run's mesh; None for the default 1 x 1 x 1 in one process (unsharded, one device).
 
   Raises:
-    ConfigError: the mesh does not multiply to the device count, or a batch
-      size is not divisible by ``mesh.data * mesh.fsdp``.
+    ConfigError: the mesh does not multiply to the device count, or the micro
+      batch size is not divisible by ``mesh.data * mesh.fsdp`` (held-out batches
+      are padded to a multiple of it instead).
   """
   m = config.mesh
   if m.size == 1 and jax.process_count() == 1:
@@ -90,49 +145,131 @@ def _mesh(config: TrainConfig) -> jax.parallel.Mesh | None:
   except ValueError as e:
     raise ConfigError(f"{e} (of {jax.process_count()} process(es))") from None
   rows = m.data * m.fsdp
-  for key in ("micro_batch_size", "eval_batch_size"):
-    if getattr(config, key) % rows:
-      raise ConfigError(f"{key} = {getattr(config, key)} must be divisible by mesh.data * "
-                        f"mesh.fsdp = {m.data} * {m.fsdp} = {rows}, the number of batch shards")
+  if config.micro_batch_size % rows:
+    raise ConfigError(f"micro_batch_size = {config.micro_batch_size} must be divisible by "
+                      f"mesh.data * mesh.fsdp = {m.data} * {m.fsdp} = {rows}, the number of batch "
+                      "shards")
   return mesh
 
 
-def _shard(model_or_optimizer: Any, mesh: jax.parallel.Mesh | None) -> None:
+def _shard(model_or_optimizer: Any, mesh: jax.sharding.Mesh | None) -> None:
   if mesh is None:
     return
-  try:
-    parallel.partition_specs(model_or_optimizer, mesh)
-  except ValueError as e:  # a dimension not divisible by its mesh axis
-    raise ConfigError(str(e)) from None
-  parallel.shard_model(model_or_optimizer, mesh)
+  parallel.shard_model(model_or_optimizer, mesh)  # indivisible dimensions stay unsplit (a warning)
 
 
-def _setup(config: TrainConfig, mesh: jax.parallel.Mesh | None = None) -> _Run:
-
+def _prepare(config: TrainConfig, mesh: jax.sharding.Mesh | None = None) -> _Run:
+  """The tokenizer, datasets, batches and step count: all a complete run needs to know."""
   tokenizer = load_tokenizer(config.base_model)
   pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
   train_set, eval_set = _datasets(config, tokenizer)
-  model = load_model(config.base_model, quantize=config.load_in_4bit,
-                            dtype=jnp.dtype(config.dtype))
-  lora = LoraConfig(r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
-                           target_modules=config.lora_target_modules, use_rslora=config.use_rslora,
-                           use_dora=config.use_dora)
-  apply_lora(model, lora, rngs=nnx.Rngs(config.seed))
-  model.remat = config.gradient_checkpointing
-  model.loss_chunk_size = config.loss_chunk_size
-  _shard(model, mesh)
   batches = BatchIterator(train_set.examples, micro_batch_size=config.micro_batch_size,
                           accumulation=config.gradient_accumulation_steps,
                           sequence_len=config.sequence_len, packing=config.sample_packing,
                           seed=config.seed, pad_id=pad_id)
   total = config.max_steps or max(1, math.ceil(config.num_epochs * batches.steps_per_epoch()))
-  schedule = make_schedule(config.lr_scheduler, config.learning_rate, total, config.warmup_steps)
+  return _Run(config, tokenizer, train_set, eval_set, batches, total, pad_id, mesh)
+
+
+def _build(run: _Run) -> None:
+  """Loads the model, adds the adapters and makes the optimizer (sharded over ``run.mesh``)."""
+  config = run.config
+  model = load_model(config.base_model, quantize=config.load_in_4bit,
+                     dtype=jnp.dtype(config.dtype))
+  lora = LoraConfig(r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
+                    target_modules=config.lora_target_modules, use_rslora=config.use_rslora,
+                    use_dora=config.use_dora)
+  apply_lora(model, lora, rngs=nnx.Rngs(config.seed))
+  model.remat = config.gradient_checkpointing
+  model.loss_chunk_size = config.loss_chunk_size
+  _shard(model, run.mesh)
+  schedule = make_schedule(config.lr_scheduler, config.learning_rate, run.total_steps,
+                           config.warmup_steps)
   tx = make_tx(schedule, weight_decay=config.weight_decay, b1=config.adam_beta1,
                b2=config.adam_beta2, eps=config.adam_epsilon, max_grad_norm=config.max_grad_norm)
   optimizer = make_optimizer(model, tx)
-  _shard(optimizer, mesh)
-  return _Run(config, model, tokenizer, train_set, eval_set, batches, optimizer, schedule, total,
-              pad_id, mesh)
+  _shard(optimizer, run.mesh)
+  run.model, run.optimizer, run.schedule = model, optimizer, schedule
+
+
+def _read_rows(path: pathlib.Path) -> list[dict[str, Any]]:
+  """The rows of ``metrics.jsonl``; a line torn by a killed process is dropped."""
+  rows = []
+  for line in path.read_text().splitlines() if path.is_file() else []:
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError:
+      continue
+    if isinstance(row, dict):
+      rows.append(row)
+  return rows
+
+
+def _is_final(row: dict[str, Any], step: int) -> bool:
+  """The last row of a run that ended at ``step`` (written with its adapter)."""
+  return "adapter_dir" in row and row.get("step") == step
+
+
+def _adapter_saved(adapter_dir: pathlib.Path) -> bool:
+  return (adapter_dir / "adapter_config.json").is_file() and \
+      (adapter_dir / "adapter_model.safetensors").is_file()
+
+
+def _complete(rows: list[dict[str, Any]], step: int, adapter_dir: pathlib.Path) -> bool:
+  """Whether the run at checkpoint ``step`` has been finished: final row and adapter written."""
+  done = any(_is_final(r, step) for r in rows) and _adapter_saved(adapter_dir)
+  if jax.process_count() > 1:  # the lead's view decides, so that every process does the same
+    done = bool(multihost_utils.broadcast_one_to_all(np.int32(done)))
+  return done
+
+
+def _summary_of(rows: list[dict[str, Any]], step: int, adapter_dir: pathlib.Path) -> dict[str, Any]:
+  """The summary ``train`` returned when it completed the run, from its metrics rows."""
+  summary: dict[str, Any] = {"step": step}
+  losses = [r["loss"] for r in rows if "loss" in r and r.get("step", 0) <= step]
+  if losses:
+    summary["loss"] = losses[-1]
+  before = [r["exact_match"] for r in rows if r.get("step") == 0 and "exact_match" in r]
+  if before:
+    summary["accuracy_before"] = before[-1]
+  final = [r for r in rows if _is_final(r, step)][-1]
+  summary.update({k: final[k] for k in ("eval_loss", "eval_perplexity") if k in final})
+  summary["adapter_dir"] = str(adapter_dir)
+  if "exact_match" in final:
+    summary["accuracy_after"] = final["exact_match"]
+  return summary
+
+
+def _recorded(summary: dict[str, Any]) -> str:
+  """One line of what a complete run measured (from ``metrics.jsonl``)."""
+  parts = [f"{label} {summary[key]:{fmt}}" for key, label, fmt in (
+      ("loss", "last loss", ".4f"), ("eval_loss", "held-out loss", ".4f"),
+      ("accuracy_before", "exact match before", ".1%"),
+      ("accuracy_after", "after", ".1%")) if key in summary]
+  return "  recorded: " + (", ".join(parts) if parts else "no metrics")
+
+
+def _cut_metrics(path: pathlib.Path, step: int, redo_final: bool) -> None:
+  """Keeps the rows up to ``step``, the restored one, and drops its final row when ``redo_final``.
+
+  At the last step the only row without ``loss`` is the final one (evaluations
+  during training stop before it), written with or without ``adapter_dir``.
+  """
+  rows = [r for r in _read_rows(path) if r.get("step", 0) <= step
+          and not (redo_final and r.get("step") == step and "loss" not in r)]
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  os.replace(tmp, path)  # whole: a kill leaves the old file or the new one
+
+
+def _save_adapter(model: nnx.Module, adapter_dir: pathlib.Path, base_model: str) -> None:
+  """``save_adapter`` into a temporary folder renamed when complete: never a torn adapter."""
+  tmp = adapter_dir.with_name(adapter_dir.name + ".tmp")
+  shutil.rmtree(tmp, ignore_errors=True)
+  save_adapter(model, tmp, base_model_name_or_path=base_model)
+  if adapter_dir.exists():
+    shutil.rmtree(adapter_dir)
+  tmp.rename(adapter_dir)
 
 
 def _banner(run: _Run, out: TextIO) -> None:
@@ -178,13 +315,18 @@ def _accuracy(run: _Run, label: str, out: TextIO) -> float:
 def _eval_loss(run: _Run) -> tuple[float, float]:
   run.model.eval()
   place = None if run.mesh is None else functools.partial(parallel.shard_batch, mesh=run.mesh)
+  shards = 1 if run.mesh is None else run.mesh.shape["data"] * run.mesh.shape["fsdp"]
   return eval_loss(run.model, run.eval_set.examples, batch_size=run.config.eval_batch_size,
-                   sequence_len=run.config.sequence_len, pad_id=run.pad_id, place=place)
+                   sequence_len=run.config.sequence_len, pad_id=run.pad_id, place=place,
+                   multiple_of=shards)
 
 
 def train(config: TrainConfig, *, stop_at_step: int | None = None,
           out: TextIO | None = None) -> dict[str, Any]:
   """Runs (or resumes) a QLoRA fine-tune as ``config`` says.
+
+  A run whose final checkpoint and adapter are already in ``output_dir`` is
+  complete: this prints so, changes nothing and returns its summary again.
 
   Args:
     config: the run's settings.
@@ -197,32 +339,72 @@ def train(config: TrainConfig, *, stop_at_step: int | None = None,
     A summary: ``step``, ``loss``, and when measured ``eval_loss``,
     ``eval_perplexity``, ``accuracy_before``, ``accuracy_after``, ``adapter_dir``.
     ``output_dir/metrics.jsonl`` gets the logged steps, ``exact_match`` at step 0,
-    and a last row with the final held-out loss and ``exact_match``.
+    and a last row with ``adapter_dir`` and the final held-out loss and ``exact_match``.
 
   Raises:
+    TrainingInterrupted: SIGINT or SIGTERM (see the module docstring); a checkpoint
+      at the step it stopped at is in ``output_dir``.
     TrainingError: a non-finite loss; the last good checkpoint stays in ``output_dir``.
     ConfigError: a mesh or ``distributed.*`` setting that cannot work here.
   """
-  from tqdm.auto import tqdm
+  progress = _Progress()
+  with StopSignals() as signals:
+    try:
+      return _train(config, stop_at_step, out, signals, progress)
+    except Signalled as e:
+      raise TrainingInterrupted(progress.stopped(), signum=e.signum, step=progress.step) from None
 
+
+def _train(config: TrainConfig, stop_at_step: int | None, out: TextIO | None, signals: StopSignals,
+           progress: _Progress) -> dict[str, Any]:
   distributed.initialize(config.distributed)
   lead = jax.process_index() == 0
   out = (out or sys.stdout) if lead else io.StringIO()
-  run = _setup(config, _mesh(config))
+  mesh = _mesh(config)
   output = pathlib.Path(config.output_dir)
   output.mkdir(parents=True, exist_ok=True)
+  adapter_dir = output / "adapter"
+  metrics_path = output / "metrics.jsonl"
   ckpt = Checkpointer(output / "checkpoints", config.save_total_limit)
-  step = 0
-  latest = ckpt.latest_step() if config.resume_from_checkpoint else None
-  if latest is not None:
-    meta = ckpt.restore(latest, run.model, run.optimizer)
-    run.batches.restore(meta["data"])
-    step = latest
-  _banner(run, out)
-  if latest is not None:
-    print(f"resumed from {ckpt.directory / str(latest)} (step {latest})", file=out, flush=True)
+  try:
+    latest = ckpt.latest_step() if config.resume_from_checkpoint else None
+    progress.step = progress.saved = latest or 0
+    run = _prepare(config, mesh)
+    progress.total = run.total_steps
+    if latest is not None and latest >= run.total_steps:
+      rows = _read_rows(metrics_path)
+      if _complete(rows, latest, adapter_dir):
+        summary = _summary_of(rows, latest, adapter_dir)
+        print(f"{output}: the run is already complete (step {latest} of {run.total_steps}, adapter "
+              f"in {adapter_dir}); nothing to do. To train again, use another output_dir or delete "
+              "this one", file=out)
+        print(_recorded(summary), file=out, flush=True)
+        return summary
+    _build(run)
+    step = 0
+    if latest is not None:
+      meta = ckpt.restore(latest, run.model, run.optimizer)
+      run.batches.restore(meta["data"])
+      step = latest
+      if lead:
+        _cut_metrics(metrics_path, step, redo_final=step >= run.total_steps)
+    _banner(run, out)
+    if latest is not None:
+      print(f"resumed from {ckpt.directory / str(latest)} (step {latest})", file=out, flush=True)
+    with (metrics_path.open("a" if step else "w") if lead else io.StringIO()) as metrics_file:
+      return _steps(run, ckpt, step, stop_at_step, out, metrics_file, signals, progress)
+  finally:
+    ckpt.close()
+
+
+def _steps(run: _Run, ckpt: Checkpointer, step: int, stop_at_step: int | None, out: TextIO,
+           metrics_file: TextIO, signals: StopSignals, progress: _Progress) -> dict[str, Any]:
+  """The steps from ``step`` on, then the final evaluation and the adapter."""
+  from tqdm.auto import tqdm
+
+  config = run.config
+  lead = jax.process_index() == 0
   summary: dict[str, Any] = {"step": step}
-  metrics_file = (output / "metrics.jsonl").open("a" if step else "w") if lead else io.StringIO()
   exact = run.eval_set is not None and config.eval_exact_match
   if exact and step == 0:
     summary["accuracy_before"] = _accuracy(run, "before training", out)
@@ -231,7 +413,8 @@ def train(config: TrainConfig, *, stop_at_step: int | None = None,
   end = min(run.total_steps, stop_at_step or run.total_steps)
   bar = tqdm(total=run.total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
              disable=not lead)
-  last_saved = latest
+  last_saved = progress.saved or None
+  signals.deferring = True  # a first signal now stops after the step, with a checkpoint
   try:
     while step < end:
       run.model.train()
@@ -258,21 +441,29 @@ def train(config: TrainConfig, *, stop_at_step: int | None = None,
       if step % config.logging_steps == 0 or step == end:
         metrics_file.write(json.dumps(row) + "\n")
         metrics_file.flush()
-      if config.eval_steps and step % config.eval_steps == 0 and run.eval_set and step < end:
+      summary.update(step=step, loss=loss)
+      stop = signals.requested()
+      if (config.eval_steps and step % config.eval_steps == 0 and run.eval_set
+          and step < run.total_steps and not stop):
         e_loss, ppl = _eval_loss(run)
         bar.write(f"step {step}: eval loss {e_loss:.4f}, perplexity {ppl:.2f}")
         metrics_file.write(json.dumps({"step": step, "eval_loss": e_loss,
                                        "eval_perplexity": ppl}) + "\n")
-      if (config.save_steps and step % config.save_steps == 0) or step == end:
+        metrics_file.flush()
+      if (config.save_steps and step % config.save_steps == 0) or step == end or stop:
+        if stop:
+          print(f"{signal.Signals(stop).name} received: saving a checkpoint at step {step} "
+                "(a second signal ends the process at once)", file=out, flush=True)
         ckpt.save(step, run.model, run.optimizer, {"data": run.batches.state()})
-        last_saved = step
-      summary.update(step=step, loss=loss)
+        last_saved = progress.saved = step
+      progress.step = step
+      if stop:
+        raise TrainingInterrupted(progress.stopped(), signum=stop, step=step)
   finally:
+    signals.deferring = False  # from here a first signal stops at once: the checkpoint is saved
     bar.close()
-    ckpt.close()
   if step < run.total_steps:
     print(f"stopped at step {step} of {run.total_steps}; run again to resume", file=out)
-    metrics_file.close()
     return summary
   final: dict[str, Any] = {"step": step}  # the last metrics row: held-out loss and exact match
   if run.eval_set is not None:
@@ -280,16 +471,15 @@ def train(config: TrainConfig, *, stop_at_step: int | None = None,
     print(f"held-out loss {e_loss:.4f}, perplexity {ppl:.2f}", file=out)
     summary.update(eval_loss=e_loss, eval_perplexity=ppl)
     final.update(eval_loss=e_loss, eval_perplexity=ppl)
-  adapter_dir = output / "adapter"
+  adapter_dir = pathlib.Path(config.output_dir) / "adapter"
   if run.mesh is not None:  # every process takes part; then any process can read the adapters
     nnx.update(run.model, parallel.replicate(nnx.state(run.model, nnx.LoRAParam), run.mesh))
   if lead:
-    save_adapter(run.model, adapter_dir)
+    _save_adapter(run.model, adapter_dir, config.base_model)
   print(f"adapter (PEFT format) saved to {adapter_dir}", file=out, flush=True)
   summary["adapter_dir"] = str(adapter_dir)
   if exact:
     summary["accuracy_after"] = final["exact_match"] = _accuracy(run, "after training", out)
-  if len(final) > 1:
-    metrics_file.write(json.dumps(final) + "\n")
-  metrics_file.close()
+  final["adapter_dir"] = str(adapter_dir)  # marks the run complete (with the final checkpoint)
+  metrics_file.write(json.dumps(final) + "\n")
   return summary

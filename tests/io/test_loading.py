@@ -270,6 +270,19 @@ def test_hf_folder_logits_match_pytorch(model_dir):
   np.testing.assert_allclose(got, ref["base_logits"], atol=1e-4, rtol=0)
 
 
+def test_stored_bnb_folder_is_jqlora_quantization_byte_for_byte(model_dir):
+  """The folder bitsandbytes saved (before any forward pass) holds exactly what quantize_nf4
+  makes of the float base: codes, scale codes, nested scales and offset of every weight."""
+  stored, base = HFSource(model_dir / "base-bnb-nf4"), HFSource(model_dir / "base")
+  names = [n for n in stored.names() if stored.get_nf4(n) is not None]
+  assert len(names) >= 14
+  for name in names:
+    theirs = stored.get_nf4(name)
+    ours = jqlora.quantize_nf4(jnp.asarray(base.get(name)), 64, True)
+    for a, b in zip(jax.tree.leaves(theirs), jax.tree.leaves(ours)):
+      np.testing.assert_array_equal(np.asarray(a).reshape(-1), np.asarray(b).reshape(-1), name)
+
+
 def test_bnb_folder_loads_as_stored_and_matches_bitsandbytes(model_dir):
   ref = np.load(model_dir / "reference_logits.npz")
   ids = ref["input_ids"]
@@ -280,6 +293,8 @@ def test_bnb_folder_loads_as_stored_and_matches_bitsandbytes(model_dir):
   got = np.asarray(model(jnp.asarray(ids)))
   np.testing.assert_allclose(got, bnb_float32_logits(model_dir / "base-bnb-nf4", ids),
                              atol=1e-3, rtol=0)
+  # The stored folder was saved before any forward pass: it quantizes the base like jqlora.
+  np.testing.assert_allclose(got, ref["bnb_nf4_logits"], atol=1e-3, rtol=0)
 
 
 def test_bnb_folder_with_peft_adapter_matches_bitsandbytes_peft(model_dir):
@@ -290,3 +305,5 @@ def test_bnb_folder_with_peft_adapter_matches_bitsandbytes_peft(model_dir):
   got = np.asarray(model(jnp.asarray(ids)))
   want = bnb_float32_logits(model_dir / "base-bnb-nf4", ids, adapter=model_dir / "adapter")
   np.testing.assert_allclose(got, want, atol=1e-3, rtol=0)
+  # The stored golden logits (bitsandbytes' float32 CPU path, saved folder + adapter).
+  np.testing.assert_allclose(got, ref["bnb_nf4_lora_logits"], atol=1e-3, rtol=0)

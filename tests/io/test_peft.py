@@ -179,3 +179,15 @@ def test_malformed_or_missing_adapter_files(data_dir, tmp_path):
     jqlora.load_adapter(_model(data_dir), tmp_path)
   with pytest.raises(ValueError, match="no LoRA adapters"):
     jqlora.save_adapter(_model(data_dir), tmp_path / "out")
+
+
+def test_saved_adapter_names_its_base_model_when_given(data_dir, tmp_path):
+  model = _model(data_dir)
+  jqlora.apply_lora(model, LoraConfig(r=2, alpha=4, target_modules=["q_proj"]), rngs=nnx.Rngs(0))
+  jqlora.save_adapter(model, tmp_path / "named", base_model_name_or_path="org/tiny-llama")
+  jqlora.save_adapter(model, tmp_path / "unnamed")
+  read = lambda d: json.loads((tmp_path / d / "adapter_config.json").read_text())
+  assert read("named")["base_model_name_or_path"] == "org/tiny-llama"
+  assert read("unnamed")["base_model_name_or_path"] is None  # the default, as before
+  assert read("named") | {"base_model_name_or_path": None} == read("unnamed")
+  jqlora.load_adapter(_model(data_dir), tmp_path / "named")  # still reads back

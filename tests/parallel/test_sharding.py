@@ -141,7 +141,7 @@ def test_rank_not_divisible_is_left_unsplit():
   assert q["lora_b"].get_value() == P(None, None, "tensor")
 
 
-def test_indivisible_dimension_names_the_tensor_and_the_axis():
+def test_strict_indivisible_dimension_names_the_tensor_and_the_axis():
   from jax.sharding import AbstractMesh
 
   from jqlora.parallel import partition_specs
@@ -149,20 +149,42 @@ def test_indivisible_dimension_names_the_tensor_and_the_axis():
   # tensor = 3: vocab 64 is the first tensor that does not divide
   with pytest.raises(ValueError, match=r"embed_tokens has vocab = 64, not divisible by mesh axis "
                                        r"'tensor' of size 3"):
-    partition_specs(_tiny_model(), AbstractMesh((1, 1, 3), AXES))
+    partition_specs(_tiny_model(), AbstractMesh((1, 1, 3), AXES), strict=True)
   # everything divides by 3 but k_proj's out = 2 kv heads * 32 = 64
   sizes = dict(vocab_size=96, hidden_size=192, intermediate_size=384, num_attention_heads=6)
   with pytest.raises(ValueError, match=r"layers/self_attn/k_proj/weight \(NF4 absmax\) has out "
                                        r"= 64, not divisible by mesh axis 'tensor' of size 3"):
-    partition_specs(_tiny_model(r=None, **sizes), AbstractMesh((1, 1, 3), AXES))
+    partition_specs(_tiny_model(r=None, **sizes), AbstractMesh((1, 1, 3), AXES), strict=True)
   with pytest.raises(ValueError, match=r"layers/self_attn/k_proj/lora_b has out = 64, not "
                                        r"divisible by mesh axis 'tensor' of size 3"):
-    partition_specs(_tiny_model(**sizes), AbstractMesh((1, 1, 3), AXES))
+    partition_specs(_tiny_model(**sizes), AbstractMesh((1, 1, 3), AXES), strict=True)
   # fsdp = 4 would cut gate_proj's 64-input blocks (in = 128 is 2 blocks)
   with pytest.raises(ValueError, match=r"gate_proj/weight \(NF4 absmax\) has in/block_size \(in "
                                        r"= 128, block_size = 64\) = 2, not divisible by mesh axis "
                                        r"'fsdp' of size 4"):
-    partition_specs(_tiny_model(), AbstractMesh((1, 4, 1), AXES))
+    partition_specs(_tiny_model(), AbstractMesh((1, 4, 1), AXES), strict=True)
+
+
+def test_indivisible_dimension_is_left_unsplit_with_one_warning_line(caplog):
+  from jax.sharding import AbstractMesh
+  from jax.sharding import PartitionSpec as P
+
+  from jqlora.parallel import partition_specs
+
+  # fsdp = 4 cannot cut gate/up/q/k/v_proj's 2 input blocks: those stay whole, the rest splits
+  with caplog.at_level("WARNING", logger="jqlora.parallel"):
+    specs = partition_specs(_tiny_model(), AbstractMesh((1, 4, 1), AXES))
+  up = specs["layers"]["mlp"]["up_proj"]["weight"].get_value()
+  assert (up.packed, up.absmax) == (P(None, "tensor", None),) * 2  # out still on tensor (size 1)
+  down = specs["layers"]["mlp"]["down_proj"]["weight"].get_value()
+  assert (down.packed, down.absmax) == (P(None, "fsdp", "tensor"),) * 2  # out = 128 splits by 4
+  assert specs["layers"]["mlp"]["up_proj"]["lora_a"].get_value() == P(None, "fsdp", "tensor")
+  lines = [r.getMessage() for r in caplog.records if r.name == "jqlora.parallel"]
+  assert len(lines) == 1 and "\n" not in lines[0]
+  assert "left unsplit" in lines[0]
+  assert "layers/mlp/gate_proj/weight (NF4 absmax) (in/block_size (in = 128, block_size = 64) " \
+         "= 2 on 'fsdp' of size 4)" in lines[0]
+  assert "down_proj" not in lines[0]
 
 
 def test_batch_size_must_divide_data_times_fsdp():

@@ -55,9 +55,37 @@ def test_qlora_paper_65b_fits_one_48gb_gpu_with_checkpointing():
   assert paged.total == on_device.total - on_device.optimizer > 0
   assert not plan("llama-65b", checkpointing=False, **kw).fits
   assert not plan("llama-65b", checkpointing=True, **{**kw, "batch": 16}).fits
-  # 33B on one 24 GB GPU (bf16 adapters and paged optimizer, as in the paper)
+  # 33B on one 24 GB GPU (bf16 adapters, paged optimizer and checkpointing, as in the paper)
   assert plan("llama-33b", memory_per_device="24GiB", batch=1, seq=512, lora_r=64,
-              adapter_dtype="bfloat16", optimizer_offload=True).fits
+              adapter_dtype="bfloat16", optimizer_offload=True, checkpointing=True).fits
+
+
+def test_defaults_are_those_of_jqlora_train():
+  from jqlora.training.config import TrainConfig
+
+  train, p = TrainConfig(dataset="-"), plan("llama-7b")
+  assert (p.batch, p.seq, p.lora_r, p.dtype) == (train.micro_batch_size, train.sequence_len,
+                                                 train.lora_r, train.dtype)
+  assert p.checkpointing is train.gradient_checkpointing is False  # training keeps activations
+  assert p.activations == p.activations_full > p.activations_checkpointed
+  assert p.target_modules == plan("llama-7b", target_modules=train.lora_target_modules).target_modules
+  assert len(p.target_modules) == 7 and not p.optimizer_offload
+
+
+def test_format_plan_starts_with_the_assumptions():
+  p = plan("llama-7b", devices=4, tensor=2, batch=8, seq=256, lora_r=32,
+           target_modules=["q_proj", "v_proj"], checkpointing=True, dtype="float32",
+           optimizer_offload=True)
+  lines = format_plan(p, "assumptions (test):").splitlines()
+  assert lines[0] == "assumptions (test):"
+  head = "\n".join(lines[1:8])
+  for expected in ("llama-7b (llama L=32 d=4096 ffn=11008 vocab=32000)",
+                   "4 devices: data=1 x fsdp=2 x tensor=2", "8 x 256 (global; 1024 tokens per device)",
+                   "r=32 on q_proj,v_proj", "checkpointing      on", "float32 activations",
+                   "optimizer offload  on"):
+    assert expected in head, (expected, head)
+  assert lines[8] == "" and lines[9].startswith("NF4 weights (codes)")
+  assert p.optimizer == 0 and p.activations == p.activations_checkpointed
 
 
 # -- against XLA's measured peak of the real training step (float32, CPU) --------------

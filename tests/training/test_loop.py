@@ -117,3 +117,62 @@ def test_use_dora_trains_and_saves_a_peft_dora_adapter(data_dir, tmp_path):
   assert json.loads((adapter / "adapter_config.json").read_text())["use_dora"] is True
   keys = load_file(str(adapter / "adapter_model.safetensors"))
   assert any(k.endswith("lora_magnitude_vector") for k in keys)
+
+
+def _rows(out_dir):
+  return [json.loads(l) for l in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_running_a_complete_run_again_changes_nothing(data_dir, tmp_path, capsys):
+  import signal
+
+  handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+  config = _config(data_dir, tmp_path, "done", max_steps=4, val_set_size=4, eval_batch_size=4,
+                   eval_exact_match=True, eval_max_new_tokens=3)
+  first = train(config)
+  assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
+  metrics = (tmp_path / "done" / "metrics.jsonl").read_text()
+  adapter = tmp_path / "done" / "adapter"
+  saved = {p.name: p.read_bytes() for p in adapter.iterdir()}
+  assert _rows(tmp_path / "done")[-1] == {
+      "step": 4, "eval_loss": first["eval_loss"], "eval_perplexity": first["eval_perplexity"],
+      "exact_match": first["accuracy_after"], "adapter_dir": str(adapter)}
+  # the adapter names its base model, for PEFT
+  assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == \
+      config.base_model
+  capsys.readouterr()
+  again = train(config)
+  printed = capsys.readouterr().out
+  assert "the run is already complete (step 4 of 4" in printed
+  assert f"recorded: last loss {first['loss']:.4f}, held-out loss {first['eval_loss']:.4f}" in printed
+  assert again == first
+  assert (tmp_path / "done" / "metrics.jsonl").read_text() == metrics  # no duplicate last row
+  assert {p.name: p.read_bytes() for p in adapter.iterdir()} == saved
+
+
+@pytest.mark.slow
+def test_a_resumed_run_cuts_the_metrics_back_to_its_checkpoint(data_dir, tmp_path, monkeypatch):
+  import jqlora.training.loop as loop
+
+  full = train(_config(data_dir, tmp_path, "full"))
+  real = loop.train_step
+  calls = []
+
+  def poisoned(model, optimizer, batch):  # steps 1-3 logged, then a NaN at step 4
+    metrics = real(model, optimizer, batch)
+    calls.append(1)
+    return {**metrics, "loss": jnp.float32(jnp.nan)} if len(calls) == 4 else metrics
+
+  monkeypatch.setattr(loop, "train_step", poisoned)
+  with pytest.raises(TrainingError):
+    train(_config(data_dir, tmp_path, "cut", save_steps=2))
+  assert [r["step"] for r in _rows(tmp_path / "cut")] == [1, 2, 3]  # the checkpoint is step 2
+  with (tmp_path / "cut" / "metrics.jsonl").open("a") as f:
+    f.write('{"step": 4, "lo')  # as a process killed while writing leaves it
+  monkeypatch.setattr(loop, "train_step", real)
+  resumed = train(_config(data_dir, tmp_path, "cut", save_steps=2))
+  assert resumed["step"] == full["step"] == 6
+  rows = _rows(tmp_path / "cut")
+  assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6, 6]  # each step once, then the final row
+  np.testing.assert_allclose(_losses(tmp_path / "cut"), _losses(tmp_path / "full"), rtol=1e-6)
