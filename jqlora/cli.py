@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import pathlib
 import sys
 from collections.abc import Sequence
@@ -274,6 +275,33 @@ def _plan_main(argv: Sequence[str]) -> int:
   return 0 if p.fits else 1
 
 
+class _StderrHandler(logging.StreamHandler):
+  """Writes each record to whatever ``sys.stderr`` is at the time (a caller may redirect it)."""
+
+  @property
+  def stream(self):
+    return sys.stderr
+
+  @stream.setter
+  def stream(self, value) -> None:
+    del value
+
+
+def _show_warnings() -> None:
+  """jqlora's warnings (e.g. tensors a mesh leaves unsplit) as one plain line each on stderr.
+
+  The command line owns the process, so it configures the ``jqlora`` logger; libraries
+  that configure the root logger on import (absl, via orbax) then add no second copy.
+  """
+  logger = logging.getLogger("jqlora")
+  if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter("jqlora: %(message)s"))
+    handler.setLevel(logging.WARNING)
+    logger.addHandler(handler)
+    logger.propagate = False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   """Entry point of the ``jqlora`` command; user errors print one line and exit 2.
 
@@ -282,6 +310,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   from jqlora.training.config import ConfigError
   from jqlora.training.data import DataError
 
+  _show_warnings()
   argv = list(sys.argv[1:] if argv is None else argv)
   if argv[:1] == ["plan"]:
     return _plan_main(argv[1:])
