@@ -54,7 +54,7 @@ def dense_weight(w: NF4Tensor | jax.Array, dtype=None) -> jax.Array:
 
 def dora_norm(w: NF4Tensor | jax.Array, a: jax.Array, b: jax.Array,
               scale: jax.Array) -> jax.Array:
-  """DoRA's weight norm (``jqlora.lora.weight_norm``) of a float or NF4 base.
+  """DoRA's weight norm (``jqlora.nn.lora.weight_norm``) of a float or NF4 base.
 
   Stacked layers are done one at a time (``lax.map``), so at most one layer's
   weight is ever dense; XLA fuses an NF4 decode into the norm's reduction.
@@ -154,7 +154,7 @@ class LoRALinear(Linear):
     alpha: LoRA alpha; scaling is ``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA).
     use_rslora: rank-stabilized scaling.
     dropout: dropout rate on the adapter's input, active only in training mode.
-    init: ``"kaiming"`` or ``"gaussian"`` (see ``jqlora.lora.init_adapter``).
+    init: ``"kaiming"`` or ``"gaussian"`` (see ``jqlora.nn.lora.init_adapter``).
     use_dora: add a DoRA magnitude, initialised by ``reset_magnitude``.
     rngs: initializes the adapter; kept for dropout keys when the module is not
       stacked.

@@ -6,7 +6,7 @@ complete, so a process killed during a save leaves the previous step usable.
 
 Any mesh restores any checkpoint: arrays are stored whole (each process writes
 its shards), and ``restore`` reads them into the shardings the target model
-and optimizer have now (``jqlora.sharding.shard_model`` first to restore onto
+and optimizer have now (``jqlora.parallel.shard_model`` first to restore onto
 a mesh, nothing for one device). Multi-process runs call ``save``/``restore``
 on every process, on a folder all of them see.
 """

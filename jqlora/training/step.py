@@ -223,7 +223,7 @@ def train_step(model: nnx.Module, optimizer: nnx.Optimizer, batch: Batch) -> dic
   models recomputes each layer in the backward pass), and so is the loss's
   chunking (``model.loss_chunk_size`` tokens of LM head and cross-entropy at a
   time on jqlora models; see ``chunked_token_loss_sums``). Sharded training: place
-  the model, optimizer and batch with ``jqlora.sharding`` first; the same step
+  the model, optimizer and batch with ``jqlora.parallel`` first; the same step
   then runs partitioned over the mesh.
 
   Args:

@@ -2,7 +2,7 @@
 
 Mosaic GPU has no ref gather, so two things differ from the Triton kernel:
 the 16 NF4 values are a 4-level select tree on the code bits, and the block
-scales (double quantization included) are decoded by ``jqlora.nf4.dequantize_absmax``
+scales (double quantization included) are decoded by ``jqlora.format.dequantize_absmax``
 in XLA first (float32 ``[n_blocks]``: 1/16 byte per weight on top of the 1/2
 byte of codes). Values stay bit-exact: one float32 product per element, rounded
 once. 16-bit outputs leave the kernel as ``uint32`` words holding an (even, odd)
