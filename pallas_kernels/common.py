@@ -6,7 +6,10 @@ codes ``uint8[..., in/2]`` (element ``2i`` in the high nibble), one scale per
 in-kernel as ``code2[q] * absmax2[block // 256] + offset`` with two roundings).
 
 The in-kernel helpers take refs and values and use only operations that the
-Triton lowering and the interpreter both support (ref gathers, shifts, bitcasts).
+Triton lowering, the Mosaic GPU lowering and the interpreter all support (shifts,
+selects, bitcasts). The 16-entry code table is a static tuple of floats (NF4,
+FP4 or Int4, ``jqlora.format.CODES``): a 4-level select tree on the code bits, held
+in instructions, never a gather from memory.
 """
 
 from __future__ import annotations
@@ -17,14 +20,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jqlora.format import DYNAMIC_MAP_SIGNED, NESTED_BLOCK_SIZE, NF4_CODE, NF4Tensor
+from jqlora.format import CODES, DYNAMIC_MAP_SIGNED, NESTED_BLOCK_SIZE, NF4Tensor
 
-__all__ = ["FLOAT_DTYPES", "ScaleOperands", "scale_operands", "nf4_table", "rounded_product",
-           "load_scales", "decode_nibbles", "widen_rounded", "pow2_divisor", "next_pow2",
-           "check_float_dtype"]
+__all__ = ["FLOAT_DTYPES", "SM_COUNT", "MIN_PROGRAMS", "Code", "NF4", "ScaleOperands", "scale_operands",
+           "code_table", "select_code", "rounded_product", "load_scales", "decode_pairs",
+           "widen_rounded", "pow2_divisor", "next_pow2", "check_float_dtype"]
 
 #: Floating dtypes the kernels read and write.
 FLOAT_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
+#: Streaming multiprocessors of the GPU the launch geometry is sized for (H200, H100 SXM: 132).
+SM_COUNT = 132
+#: Fewest programs a bandwidth-bound launch should have: two per SM, so that every SM stays busy.
+MIN_PROGRAMS = 2 * SM_COUNT
+
+#: A 16-entry code table as a static kernel parameter: value ``code[q]`` for the 4-bit code ``q``.
+Code = tuple[float, ...]
+#: The NF4 table, every kernel's default.
+NF4: Code = tuple(float(v) for v in np.asarray(CODES["nf4"], np.float32))
 
 
 class ScaleOperands(NamedTuple):
@@ -54,9 +66,24 @@ def scale_operands(t: NF4Tensor, absmax: jax.Array) -> ScaleOperands:
                        jnp.asarray(DYNAMIC_MAP_SIGNED))
 
 
-def nf4_table() -> jax.Array:
-  """float32 ``[16]`` NF4 code values: the table kernels gather from."""
-  return jnp.asarray(NF4_CODE)
+def code_table(t: NF4Tensor) -> Code:
+  """The 16 float32 values ``t``'s codes index (its ``quant_type``: NF4, FP4 or Int4)."""
+  return tuple(float(v) for v in np.asarray(CODES[t.quant_type], np.float32))
+
+
+def select_code(codes: jax.Array, code: Code) -> jax.Array:
+  """float32 ``code[codes]`` for integer ``codes`` in ``0..15``, by a select tree on the code bits.
+
+  Four levels of selects (8 + 4 + 2 + 1) on bits 0..3: no table in memory, so the same
+  arithmetic runs in Triton, Mosaic GPU and the interpreter, for any static table.
+  """
+  if len(code) != 16:
+    raise ValueError(f"a 4-bit code table has 16 values, got {len(code)}")
+  level = [jnp.float32(v) for v in code]
+  for bit in range(4):
+    set_ = ((codes >> bit) & 1) == 1
+    level = [jnp.where(set_, level[2 * i + 1], level[2 * i]) for i in range(len(level) // 2)]
+  return level[0]
 
 
 def rounded_product(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -91,23 +118,23 @@ def load_scales(refs: tuple, absmax: jax.Array, block: jax.Array) -> jax.Array:
   return rounded_product(code2, nested) + offset_ref[0]
 
 
-def decode_nibbles(packed: jax.Array, scales: jax.Array, table_ref, dtype) -> tuple[jax.Array, jax.Array]:
-  """Dequantized values of the high and low nibbles of ``packed`` inside a kernel.
+def decode_pairs(packed: jax.Array, scales: jax.Array, code: Code, dtype) -> jax.Array:
+  """Dequantized values of ``packed`` inside a kernel, in element order.
 
   Args:
-    packed: uint8 codes ``[..., n]``.
+    packed: uint8 codes ``[..., n]``, element ``2i`` in the high nibble.
     scales: float32 scales broadcastable to ``packed`` (one per block).
-    table_ref: float32 ``[16]`` ref of the NF4 values.
+    code: the 16 values of the code table (static).
     dtype: output dtype.
 
   Returns:
-    ``(even, odd)``: ``dtype[..., n]`` values of elements ``2i`` and ``2i + 1``,
-    each ``float32(code) * float32(scale)`` rounded once.
+    ``dtype[..., 2n]``: each value ``float32(code) * float32(scale)`` rounded once, the
+    high and low nibbles' values interleaved in registers (a join, no memory traffic).
   """
   codes = packed.astype(jnp.int32)
-  even = table_ref[codes >> 4] * scales
-  odd = table_ref[codes & 0xF] * scales
-  return even.astype(dtype), odd.astype(dtype)
+  even = (select_code(codes >> 4, code) * scales).astype(dtype)
+  odd = (select_code(codes & 0xF, code) * scales).astype(dtype)
+  return jnp.stack([even, odd], axis=-1).reshape(*packed.shape[:-1], 2 * packed.shape[-1])
 
 
 def widen_rounded(v: jax.Array) -> jax.Array:

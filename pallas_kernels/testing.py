@@ -9,10 +9,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jqlora.format import NF4Tensor, quantize_nf4
+from jqlora.format import NF4Tensor, dequantize_reference, quantize_nf4
+from pallas_kernels import sm90
 
-__all__ = ["SHAPES", "M_VALUES", "DTYPES", "TARGET_GPU", "INTERPRET", "KERNEL_BACKEND",
-           "make_weight", "make_activations", "float32_sum_bound", "lower_for_cuda"]
+__all__ = ["SHAPES", "M_VALUES", "DTYPES", "DEQUANTIZE_CASES", "MATMUL_CASES", "TARGET_GPU",
+           "INTERPRET", "KERNEL_BACKEND", "make_weight", "make_activations", "float32_sum_bound",
+           "assert_within_float32_bound", "check_dequantize", "check_matmul", "case_id",
+           "lower_for_cuda"]
 
 #: ``[out, in]`` weight shapes: powers of two and non-power-of-two multiples of 64.
 SHAPES = ((64, 128), (192, 320), (48, 192))
@@ -20,6 +23,22 @@ SHAPES = ((64, 128), (192, 320), (48, 192))
 M_VALUES = (1, 2, 3, 8, 64, 256)
 #: Dtypes the kernels read and write.
 DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
+#: Dequantize cases ``(shape, double_quant, dtype)``: partial last blocks included.
+DEQUANTIZE_CASES = tuple((shape, dq, dtype) for shape, dq in (((192, 320), True), ((48, 192), False),
+                                                              ((5, 7), True), ((3, 64), False))
+                         for dtype in DTYPES)
+#: Matmul cases ``(m, dtype, shape, double_quant)``: each M once per activation dtype,
+#: shapes and single/double quantization rotating.
+MATMUL_CASES = tuple((m, dtype, SHAPES[i % 3], i % 2 == 0)
+                     for i, (m, dtype) in enumerate((m, d) for m in M_VALUES
+                                                    for d in (jnp.bfloat16, jnp.float32)))
+
+
+def case_id(case) -> str:
+  """A readable pytest id for a case of ``DEQUANTIZE_CASES`` or ``MATMUL_CASES``."""
+  return "-".join(jnp.dtype(v).name if isinstance(v, type) else
+                  "x".join(map(str, v)) if isinstance(v, tuple) else
+                  ("dq" if v else "sq") if isinstance(v, bool) else f"M{v}" for v in case)
 
 
 @functools.cache
@@ -47,6 +66,47 @@ def float32_sum_bound(a, b, want, k: int) -> np.ndarray:
   return accumulation + eps_out * (np.abs(np.asarray(want, np.float64)) + accumulation)
 
 
+def assert_within_float32_bound(got, want, a, b, k: int) -> None:
+  """``got`` equals ``want`` (same dtype and shape) within :func:`float32_sum_bound`."""
+  bound = float32_sum_bound(a, b, want, k)
+  err = np.abs(np.asarray(got, np.float64) - np.asarray(want, np.float64))
+  assert got.dtype == want.dtype and got.shape == want.shape
+  assert np.all(err <= bound), f"max excess {np.max(err - bound)}"
+
+
+def check_dequantize(case, *, interpret: bool, implementation: str = "triton") -> None:
+  """The dequantize kernel on ``case`` equals the reference bit for bit."""
+  from pallas_kernels.nf4_dequantize import dequantize, dequantize_reference
+
+  shape, double_quant, dtype = case
+  t = make_weight(shape, double_quant)
+  got = jax.jit(lambda t: dequantize(t, dtype, interpret=interpret,
+                                     implementation=implementation))(t)
+  want = dequantize_reference(t, dtype)
+  assert got.shape == shape and got.dtype == jnp.dtype(dtype)
+  np.testing.assert_array_equal(np.asarray(got).view(np.uint8), np.asarray(want).view(np.uint8))
+
+
+def check_matmul(case, *, interpret: bool) -> None:
+  """``matmul`` and ``matmul_transposed`` on ``case`` equal the references within the float32 bound."""
+  from pallas_kernels.nf4_matmul import (
+    matmul,
+    matmul_reference,
+    matmul_transposed,
+    matmul_transposed_reference,
+  )
+
+  m, dtype, shape, double_quant = case
+  t = make_weight(shape, double_quant)
+  x = make_activations((m, shape[1]), dtype)
+  dy = make_activations((m, shape[0]), dtype, seed=2)
+  y, dx = jax.jit(lambda x, dy, t: (matmul(x, t, interpret=interpret),
+                                    matmul_transposed(dy, t, interpret=interpret)))(x, dy, t)
+  w = np.asarray(dequantize_reference(t, dtype), np.float64)
+  assert_within_float32_bound(y, matmul_reference(x, t), x, w.T, shape[1])
+  assert_within_float32_bound(dx, matmul_transposed_reference(dy, t), dy, w, shape[0])
+
+
 #: Whether kernel tests run the kernels in the Pallas interpreter: everywhere but on a GPU,
 #: so the same case lists run compiled on a GPU machine.
 INTERPRET = jax.default_backend() != "gpu"
@@ -54,15 +114,9 @@ INTERPRET = jax.default_backend() != "gpu"
 KERNEL_BACKEND = "interpret" if INTERPRET else "pallas"
 
 #: The GPU the lowering tests target when no GPU is present (Triton reads its compute capability).
-TARGET_GPU = jax.sharding.AbstractDevice(device_kind="NVIDIA H200", num_cores=None, platform="gpu")
+TARGET_GPU = sm90.TARGET_GPU
 
 
 def lower_for_cuda(f: Callable, *args) -> str:
-  """Traces ``jit(f)(*args)`` and lowers it for CUDA (works without a GPU); the StableHLO text.
-
-  Lowering runs under an abstract one-device mesh whose device is ``TARGET_GPU``:
-  from JAX 0.11 on, Pallas' Triton lowering needs a GPU model to target.
-  """
-  mesh = jax.sharding.AbstractMesh((1,), ("gpu",), abstract_device=TARGET_GPU)
-  with jax.sharding.use_abstract_mesh(mesh):
-    return jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  """Traces ``jit(f)(*args)`` and lowers it for CUDA (works without a GPU); the StableHLO text."""
+  return sm90.lowered_for_cuda(f, *args).as_text()

@@ -6,6 +6,8 @@ time (Q4_0, Q4_1, Q8_0, the K-quants, F16, BF16, F32: whatever
 projections of llama-architecture models with the rows of each head permuted
 (its RoPE pairs adjacent elements); they are permuted back to Hugging Face's
 half-split order. The model config is rebuilt from the GGUF metadata.
+``get_slice`` reads and dequantizes only the rows it needs (GGUF blocks run along
+rows, so whole rows); every read adds to ``jqlora.io.reads.READS``.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import gguf
 import numpy as np
 
 from jqlora.format import NF4Tensor
+from jqlora.io.reads import READS
+from jqlora.models.source import Index
 
 __all__ = ["GGUFSource", "SUPPORTED_ARCHITECTURES"]
 
@@ -170,29 +174,66 @@ class GGUFSource:
     """Hugging Face names of every tensor in the file."""
     return sorted(self._tensors)
 
-  def get(self, name: str) -> np.ndarray:
-    """The tensor ``name`` dequantized to float32, in Hugging Face layout (``[out, in]``)."""
+  def _tensor(self, name: str) -> Any:
     t = self._tensors.get(name)
     if t is None:
       raise KeyError(f"tensor {name!r} is not in {self.path}")
-    shape = tuple(int(d) for d in reversed(t.shape))  # GGUF lists dims innermost first
+    return t
+
+  def tensor_shape(self, name: str) -> tuple[int, ...]:
+    """The Hugging Face shape of ``name`` (``[out, in]``)."""
+    return tuple(int(d) for d in reversed(self._tensor(name).shape))  # GGUF: innermost first
+
+  def _rope_heads(self, name: str) -> int | None:
+    """Heads whose rows llama.cpp permuted in ``name``, or None."""
+    if SUPPORTED_ARCHITECTURES[self.arch][2]:
+      if ".q_proj." in name:
+        return self._config["num_attention_heads"]
+      if ".k_proj." in name:
+        return self._config["num_key_value_heads"]
+    return None
+
+  def _dequantize(self, t: Any, data: np.ndarray) -> np.ndarray:
+    READS.add(data.nbytes)
     try:
-      w = gguf.quants.dequantize(t.data, t.tensor_type)
+      w = gguf.quants.dequantize(data, t.tensor_type)
     except NotImplementedError as e:
       raise ValueError(f"{self.path}: tensor {t.name!r}: {e}") from None
     if np.may_share_memory(w, t.data):  # F32 comes back as a view of the memory-mapped file
       w = w.copy()
-    w = w.astype(np.float32, copy=False).reshape(shape)
-    if SUPPORTED_ARCHITECTURES[self.arch][2]:
-      if ".q_proj." in name:
-        w = unpermute_rope_rows(w, self._config["num_attention_heads"])
-      elif ".k_proj." in name:
-        w = unpermute_rope_rows(w, self._config["num_key_value_heads"])
-    return w
+    return w.astype(np.float32, copy=False)
+
+  def get(self, name: str) -> np.ndarray:
+    """The tensor ``name`` dequantized to float32, in Hugging Face layout (``[out, in]``)."""
+    t = self._tensor(name)
+    w = self._dequantize(t, t.data).reshape(self.tensor_shape(name))
+    heads = self._rope_heads(name)
+    return w if heads is None else unpermute_rope_rows(w, heads)
+
+  def get_slice(self, name: str, index: Index) -> np.ndarray:
+    """``get(name)[index]``, reading only the (whole) rows in ``index``."""
+    t, shape = self._tensor(name), self.tensor_shape(name)
+    if len(shape) < 2:
+      return self.get(name)[index]
+    rows = np.arange(shape[0])
+    heads = self._rope_heads(name)
+    if heads is not None:  # Hugging Face row r is llama.cpp row perm[r]
+      rows = unpermute_rope_rows(rows, heads)
+    rows = rows[index[0]]
+    data = np.asarray(t.data).reshape(shape[0], -1)  # one row of blocks (or values) per row
+    w = self._dequantize(t, data[rows]).reshape(len(rows), *shape[1:])
+    return w[(slice(None), *index[1:])]
 
   def get_nf4(self, name: str) -> NF4Tensor | None:
     """Always None: GGUF quantizations are not NF4, so weights are read as float."""
     return None
+
+  def nf4_info(self, name: str) -> NF4Tensor | None:
+    """Always None (see ``get_nf4``)."""
+    return None
+
+  def get_nf4_slice(self, name: str, index: Index) -> tuple[np.ndarray, np.ndarray]:
+    raise KeyError(f"{self.path}: GGUF files hold no NF4 weights ({name!r})")
 
   def metadata(self, key: str, default: Any = None) -> Any:
     """A GGUF metadata value (e.g. ``tokenizer.chat_template``), or ``default``."""

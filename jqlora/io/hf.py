@@ -2,10 +2,12 @@
 
 A folder holds ``config.json`` and the weights as ``model.safetensors`` or as
 shards listed by ``model.safetensors.index.json``. Tensors are read one at a
-time, so a builder never holds more than the tensor it is converting; each is
-read into a fresh 64-byte aligned buffer rather than through a memory map, so no
-file pages stay resident and JAX adopts the buffer without copying it. A folder
-saved by transformers with bitsandbytes 4-bit NF4 is read as stored: each
+time, so a builder never holds more than the tensor it is converting, or one
+block of rows and columns at a time (``get_slice``: a sharded build reads only its
+devices' part); each is read into a fresh 64-byte aligned buffer rather than
+through a memory map, so no file pages stay resident and JAX adopts the buffer
+without copying it. Every read adds to ``jqlora.io.reads.READS``. A folder
+saved by transformers with bitsandbytes 4-bit NF4 or FP4 is read as stored: each
 quantized weight comes back as an ``NF4Tensor`` over the same bytes, never
 re-quantized. Pickled checkpoints (``.bin``, ``.pt``, ``.pth``) are refused,
 never unpickled.
@@ -15,21 +17,26 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pathlib
 import struct
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
 from jqlora.format import (
+  CODES,
   DYNAMIC_MAP_SIGNED,
   NESTED_BLOCK_SIZE,
-  NF4_CODE,
   NF4Tensor,
   dequantize_reference,
+  storage_shapes,
 )
+from jqlora.io.reads import READS
+from jqlora.models.source import Index
 
 __all__ = ["HFSource", "SafetensorsFile", "read_json", "refuse_pickle", "PICKLE_SUFFIXES"]
 
@@ -40,6 +47,7 @@ INDEX_FILE = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 _NF4_STATE = ".quant_state.bitsandbytes__nf4"
 _FP4_STATE = ".quant_state.bitsandbytes__fp4"
+_BNB_TYPES = {"nf4": _NF4_STATE, "fp4": _FP4_STATE}  # bnb_4bit_quant_type -> quant-state suffix
 # Companion tensors transformers saves beside a bitsandbytes 4-bit weight.
 _BNB_SUFFIXES = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map",
                  _NF4_STATE, _FP4_STATE)
@@ -123,21 +131,59 @@ class SafetensorsFile:
   def __contains__(self, name: str) -> bool:
     return name in self._entries
 
-  def read(self, name: str) -> np.ndarray:
-    """A fresh array holding tensor ``name`` (64-byte aligned)."""
-    dtype, shape, begin, end = self._entries[name]
-    raw = np.empty(end - begin + _ALIGN, np.uint8)
+  def shape(self, name: str) -> tuple[int, ...]:
+    return self._entries[name][1]
+
+  def dtype(self, name: str) -> np.dtype:
+    return self._entries[name][0]
+
+  def read(self, name: str, index: Index | None = None,
+           shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """A fresh array holding tensor ``name``, or its block ``index`` (64-byte aligned).
+
+    Args:
+      name: the tensor.
+      index: one step-1 ``slice`` per dimension; only these elements are read (one
+        read per contiguous run of the file).
+      shape: view the stored elements as this C-order shape first (same count).
+    """
+    dtype, stored, begin, _ = self._entries[name]
+    shape = stored if shape is None else tuple(shape)
+    if math.prod(shape) != math.prod(stored):
+      raise ValueError(f"{self.path}: tensor {name!r} of shape {stored} cannot be read as {shape}")
+    bounds = [s.indices(n)[:2] for s, n in zip(index, shape)] if index else []
+    bounds += [(0, n) for n in shape[len(bounds):]]
+    out_shape = tuple(max(0, b - a) for a, b in bounds)
+    nbytes = math.prod(out_shape) * dtype.itemsize
+    raw = np.empty(nbytes + _ALIGN, np.uint8)
     skip = -raw.ctypes.data % _ALIGN
-    view = memoryview(raw[skip:skip + end - begin])
-    with open(self.path, "rb", buffering=0) as f:
-      f.seek(self._start + begin)
-      done = 0
-      while done < len(view):
-        got = f.readinto(view[done:])
-        if not got:
-          raise ValueError(f"{self.path}: file ends inside tensor {name!r}")
-        done += got
-    return raw[skip:skip + end - begin].view(dtype).reshape(shape)
+    view = memoryview(raw[skip:skip + nbytes])
+    if nbytes:
+      inner = len(shape)  # dimensions from `inner` on are whole: one contiguous run each
+      while inner > 0 and bounds[inner - 1] == (0, shape[inner - 1]):
+        inner -= 1
+      strides = [math.prod(shape[d + 1:]) * dtype.itemsize for d in range(len(shape))]
+      offsets = np.zeros((), np.int64)
+      for d in range(inner - 1):
+        offsets = offsets[..., None] + np.arange(*bounds[d], dtype=np.int64) * strides[d]
+      first = self._start + begin + (bounds[inner - 1][0] * strides[inner - 1] if inner else 0)
+      run = nbytes // offsets.size
+      fd = os.open(self.path, os.O_RDONLY)
+      try:
+        for i, off in enumerate(offsets.reshape(-1).tolist()):
+          self._read_run(fd, view[i * run:(i + 1) * run], first + off, name)
+      finally:
+        os.close(fd)
+    READS.add(nbytes)
+    return raw[skip:skip + nbytes].view(dtype).reshape(out_shape)
+
+  def _read_run(self, fd: int, view: memoryview, offset: int, name: str) -> None:
+    done = 0
+    while done < len(view):
+      got = os.preadv(fd, [view[done:]], offset + done)
+      if not got:
+        raise ValueError(f"{self.path}: file ends inside tensor {name!r}")
+      done += got
 
 
 def _require(mapping: dict, key: str, where: str) -> Any:
@@ -173,7 +219,7 @@ def _weight_files(folder: pathlib.Path) -> dict[str, SafetensorsFile]:
 
 
 def _bnb_4bit(config: dict, where: str) -> bool:
-  """Whether ``config`` describes a bitsandbytes 4-bit NF4 checkpoint; refuses other quantizations."""
+  """Whether ``config`` describes a bitsandbytes 4-bit NF4/FP4 checkpoint; refuses other quantizations."""
   qc = config.get("quantization_config")
   if qc is None:
     return False
@@ -181,22 +227,36 @@ def _bnb_4bit(config: dict, where: str) -> bool:
   if method != "bitsandbytes":
     raise ValueError(
         f"{where}: quantization_config.quant_method {method!r} is not supported "
-        "(supported: 'bitsandbytes' 4-bit NF4, or an unquantized checkpoint)")
+        "(supported: 'bitsandbytes' 4-bit NF4 or FP4, or an unquantized checkpoint)")
   if qc.get("load_in_8bit"):
     raise ValueError(
         f"{where}: bitsandbytes 8-bit (LLM.int8) checkpoints are not supported; "
-        "only 4-bit NF4 (load_in_4bit with bnb_4bit_quant_type 'nf4')")
+        "only 4-bit (load_in_4bit with bnb_4bit_quant_type 'nf4' or 'fp4')")
   if not qc.get("load_in_4bit"):
     raise ValueError(f"{where}: quantization_config has neither load_in_4bit nor load_in_8bit")
   quant_type = qc.get("bnb_4bit_quant_type", "fp4")
-  if quant_type != "nf4":
+  if quant_type not in _BNB_TYPES:
     raise ValueError(
-        f"{where}: bitsandbytes 4-bit type {quant_type!r} is not supported; only 'nf4'")
+        f"{where}: bitsandbytes 4-bit type {quant_type!r} is not supported; only 'nf4' or 'fp4'")
   return True
 
 
+def _abstract_bnb(*, shape, dtype, block_size, absmax2, offset, quant_type) -> NF4Tensor:
+  """The stored 4-bit weight without its codes (``packed``/``absmax`` as ``ShapeDtypeStruct``s)."""
+  shape = tuple(int(d) for d in shape)
+  packed_shape, absmax_shape = storage_shapes(shape, block_size)
+  double_quant = absmax2 is not None
+  if double_quant:
+    absmax2 = np.asarray(absmax2, np.float32).reshape(-1)
+    offset = np.asarray(offset, np.float32).reshape(())
+  return NF4Tensor(jax.ShapeDtypeStruct(packed_shape, np.uint8),
+                   jax.ShapeDtypeStruct(absmax_shape, np.uint8 if double_quant else np.float32),
+                   absmax2, offset, shape=shape, dtype=dtype, block_size=block_size,
+                   double_quant=double_quant, quant_type=quant_type)
+
+
 class HFSource:
-  """A ``TensorSource`` over a Hugging Face folder of safetensors, plain or bitsandbytes NF4.
+  """A ``TensorSource`` over a Hugging Face folder of safetensors, plain or bitsandbytes NF4/FP4.
 
   Args:
     folder: holds ``config.json`` and ``model.safetensors`` (or shards listed by
@@ -222,6 +282,7 @@ class HFSource:
       raise ValueError(f"{config_path}: expected a JSON object, got {type(self._config).__name__}")
     self.quantized = _bnb_4bit(self._config, str(config_path))
     self._files = _weight_files(self.folder)
+    self._info: dict[str, NF4Tensor | None] = {}
 
   def hf_config(self) -> dict[str, Any]:
     """``config.json`` as a dict."""
@@ -231,17 +292,31 @@ class HFSource:
     """Tensor names, bitsandbytes companions (``.absmax``, ``.quant_state…``) left out."""
     return sorted(n for n in self._files if not n.endswith(_BNB_SUFFIXES))
 
-  def _read(self, name: str) -> np.ndarray:
+  def _file(self, name: str) -> SafetensorsFile:
     file = self._files.get(name)
     if file is None:
       files = sorted({f.path.name for f in self._files.values()})
       raise KeyError(f"tensor {name!r} is not in {self.folder} (files: {', '.join(files)})")
-    return file.read(name)
+    return file
+
+  def _read(self, name: str) -> np.ndarray:
+    return self._file(name).read(name)
+
+  def tensor_shape(self, name: str) -> tuple[int, ...]:
+    """The shape of ``name`` (a bitsandbytes 4-bit weight: the shape it represents)."""
+    info = self.nf4_info(name)
+    return info.shape if info is not None else self._file(name).shape(name)
+
+  def get_slice(self, name: str, index: Index) -> np.ndarray:
+    """``get(name)[index]``, reading only those elements (a stored 4-bit weight: decoded whole)."""
+    if self.nf4_info(name) is not None:
+      return self.get(name)[index]
+    return self._file(name).read(name, index)
 
   def get(self, name: str) -> np.ndarray:
     """The tensor ``name`` in its stored dtype (bf16 as ``ml_dtypes.bfloat16``).
 
-    A bitsandbytes NF4 weight is dequantized exactly as bitsandbytes does, to the
+    A bitsandbytes 4-bit weight is dequantized exactly as bitsandbytes does, to the
     dtype recorded in its quant state.
     """
     t = self.get_nf4(name)
@@ -250,36 +325,70 @@ class HFSource:
     return self._read(name)
 
   def get_nf4(self, name: str) -> NF4Tensor | None:
-    """The bitsandbytes NF4 weight ``name`` over its stored bytes, or None if not quantized.
+    """The bitsandbytes NF4/FP4 weight ``name`` over its stored bytes, or None if not quantized.
 
     Raises:
-      ValueError: an FP4 weight, or a quant map that is not NF4.
+      ValueError: a quant state or quant map that disagrees with the stored type.
       KeyError: a companion tensor or quant-state key is missing.
     """
+    kw = self._bnb_weight(name)
+    if kw is None:
+      return None
+    packed = self._read(name)
+    if packed.dtype != np.uint8:  # bnb_4bit_quant_storage other than uint8
+      packed = np.ascontiguousarray(packed).view(np.uint8)
+    return NF4Tensor.from_bnb(packed, self._read(name + ".absmax"), **kw)
+
+  def nf4_info(self, name: str) -> NF4Tensor | None:
+    """The stored 4-bit weight ``name`` with ``packed``/``absmax`` as ``jax.ShapeDtypeStruct``s
+    (its quant state and nested scales read, its codes not), or None if not quantized."""
+    if name not in self._info:
+      kw = self._bnb_weight(name)
+      self._info[name] = None if kw is None else _abstract_bnb(**kw)
+    return self._info[name]
+
+  def get_nf4_slice(self, name: str, index: Index) -> tuple[np.ndarray, np.ndarray]:
+    """``(packed, absmax)`` of the stored 4-bit weight ``name`` for ``index = (rows, cols)``
+    over its ``[out, in]`` shape (``cols`` on whole blocks), read from disk as stored."""
+    t = self.nf4_info(name)
+    rows, cols = index
+    start, stop, _ = cols.indices(t.shape[-1])
+    packed_shape, absmax_shape = storage_shapes(t.shape, t.block_size)
+    packed_cols = slice(start // 2, stop // 2)
+    file = self._file(name)
+    if file.dtype(name) != np.uint8:  # bnb_4bit_quant_storage other than uint8: read it whole
+      packed = np.ascontiguousarray(file.read(name)).view(np.uint8).reshape(packed_shape)
+      packed = packed[rows, packed_cols]
+    else:
+      packed = file.read(name, (rows, packed_cols), shape=packed_shape)
+    absmax_cols = slice(start // t.block_size, stop // t.block_size)
+    absmax = self._file(name + ".absmax").read(name + ".absmax", (rows, absmax_cols),
+                                               shape=absmax_shape)
+    return packed, absmax
+
+  def _bnb_weight(self, name: str) -> dict[str, Any] | None:
+    """``NF4Tensor.from_bnb``'s keyword arguments but the codes and scales for the stored
+    weight ``name`` (its checked quant state and nested scales), or None if not quantized."""
     if not self.quantized:
       return None
     where = f"{name} in {self.folder}"
-    if name + _FP4_STATE in self._files:
-      raise ValueError(f"{where}: bitsandbytes FP4 weights are not supported; only NF4")
-    if name + _NF4_STATE not in self._files:
+    stored = [t for t, suffix in _BNB_TYPES.items() if name + suffix in self._files]
+    if not stored:
       return None
-    state_bytes = self._read(name + _NF4_STATE)
+    state_bytes = self._read(name + _BNB_TYPES[stored[0]])
     try:
       state = json.loads(state_bytes.tobytes().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
       raise ValueError(f"{where}: unreadable bitsandbytes quant state: {e}") from None
     where_state = f"{where}, quant state"
-    quant_type = state.get("quant_type", "nf4")
-    if quant_type != "nf4":
-      raise ValueError(f"{where}: bitsandbytes 4-bit type {quant_type!r} is not supported; only 'nf4'")
+    quant_type = state.get("quant_type", stored[0])
+    if quant_type != stored[0]:
+      raise ValueError(f"{where}: quant state {_BNB_TYPES[stored[0]]!r} says quant_type {quant_type!r}")
     if name + ".quant_map" in self._files:
       quant_map = self._read(name + ".quant_map")
-      if not np.array_equal(quant_map.astype(np.float32).view(np.uint32), NF4_CODE.view(np.uint32)):
-        raise ValueError(f"{where}: quant_map is not the NF4 code book")
-    packed = self._read(name)
-    if packed.dtype != np.uint8:  # bnb_4bit_quant_storage other than uint8
-      packed = np.ascontiguousarray(packed).view(np.uint8)
-    absmax = self._read(name + ".absmax")
+      if not np.array_equal(quant_map.astype(np.float32).view(np.uint32),
+                            CODES[quant_type].view(np.uint32)):
+        raise ValueError(f"{where}: quant_map is not the {quant_type.upper()} code book")
     absmax2 = offset = None
     if name + ".nested_absmax" in self._files:
       absmax2 = self._read(name + ".nested_absmax")
@@ -292,8 +401,8 @@ class HFSource:
         nested_map = self._read(name + ".nested_quant_map").astype(np.float32)
         if not np.array_equal(nested_map.view(np.uint32), DYNAMIC_MAP_SIGNED.view(np.uint32)):
           raise ValueError(f"{where}: nested_quant_map is not bitsandbytes' signed dynamic map")
-    return NF4Tensor.from_bnb(
-        packed, absmax, shape=_require(state, "shape", where_state),
-        dtype=jnp.dtype(_require(state, "dtype", where_state)),
-        block_size=_require(state, "blocksize", where_state), absmax2=absmax2, offset=offset)
+    return dict(shape=_require(state, "shape", where_state),
+                dtype=jnp.dtype(_require(state, "dtype", where_state)),
+                block_size=_require(state, "blocksize", where_state), absmax2=absmax2,
+                offset=offset, quant_type=quant_type)
 

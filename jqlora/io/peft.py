@@ -4,6 +4,8 @@
 ``base_model.model.<module>.lora_A.weight`` ``[r, in]`` and ``….lora_B.weight``
 ``[out, r]`` (torch layouts), and for DoRA (``"use_dora": true``)
 ``….lora_magnitude_vector`` ``[out]``, as ``peft.PeftModel.save_pretrained`` writes them.
+Several named adapters use PEFT's layout: ``"default"`` in the folder itself, any other
+adapter ``name`` in its subfolder ``name/``.
 """
 
 from __future__ import annotations
@@ -19,8 +21,15 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-from jqlora.nn import Linear, LoRALinear, apply_lora, lora_modules, module_names
+from jqlora.nn import Linear, LoRALinear, lora_modules, module_names
 from jqlora.nn import lora as lora_lib
+from jqlora.nn.adapters import (
+  active_adapter,
+  adapter_weights,
+  add_adapter,
+  list_adapters,
+  set_adapter_weights,
+)
 
 __all__ = ["save_adapter", "load_adapter", "CONFIG_NAME", "WEIGHTS_NAME"]
 
@@ -32,12 +41,13 @@ _UNSUPPORTED = {"fan_in_fan_out": False, "modules_to_save": None,
                 "layers_to_transform": None, "trainable_token_indices": None}
 
 
-def _entries(model: nnx.Module) -> dict[str, tuple[LoRALinear, int]]:
-  """PEFT module name -> (module, flat layer index) for every adapted layer."""
+def _entries(model: nnx.Module, adapter: str) -> dict[str, tuple[LoRALinear, int]]:
+  """PEFT module name -> (module, flat layer index) for every layer that ``adapter`` adapts."""
   out = {}
   for path, m in lora_modules(model):
+    ranks = adapter_weights(m, adapter).info.ranks
     for i, name in enumerate(module_names(model, path, m.batch_shape)):
-      if m.ranks[i]:
+      if ranks[i]:
         out[name] = (m, i)
   return out
 
@@ -48,48 +58,67 @@ def _flat(x, ndim: int = 2) -> np.ndarray:
   return x.reshape(-1, *x.shape[x.ndim - ndim:])
 
 
-def save_adapter(model: nnx.Module, directory: str | os.PathLike, *,
+def save_adapter(model: nnx.Module, directory: str | os.PathLike, *, adapter_name: str | None = None,
                  base_model_name_or_path: str | None = None,
                  task_type: str | None = "CAUSAL_LM") -> None:
-  """Writes the model's adapters as a PEFT LoRA (or DoRA) adapter.
+  """Writes the model's adapters as PEFT LoRA (or DoRA) adapters.
 
   Args:
-    model: a model with adapters (``apply_lora``).
+    model: a model with adapters (``apply_lora``, ``load_adapter``).
     directory: created if needed; gets ``adapter_config.json`` and
-      ``adapter_model.safetensors``.
+      ``adapter_model.safetensors`` of the ``"default"`` adapter, and those of any other
+      adapter in a subfolder named after it (PEFT's ``save_pretrained`` layout).
+    adapter_name: write only this adapter (PEFT's ``selected_adapters=[adapter_name]``);
+      None: every adapter.
     base_model_name_or_path: recorded in the config for PEFT.
     task_type: PEFT task type.
 
   Raises:
-    ValueError: the model has no adapters, or mixes settings PEFT keeps per adapter
-      (rsLoRA, DoRA) across modules.
+    ValueError: the model has no adapters (or none named ``adapter_name``), or mixes
+      settings PEFT keeps per adapter (rsLoRA, DoRA) across modules.
   """
-  entries = _entries(model)
-  if not entries:
+  names = list_adapters(model)
+  if not names:
     raise ValueError("save_adapter: the model has no LoRA adapters (call jqlora.apply_lora first)")
+  if adapter_name is not None and adapter_name not in names:
+    raise ValueError(f"save_adapter: no adapter named {adapter_name!r}; the model has {list(names)}")
+  for name in names if adapter_name is None else (adapter_name,):
+    out = pathlib.Path(directory)
+    _save_one(model, name, out if name == "default" else out / name, base_model_name_or_path,
+              task_type)
+
+
+def _save_one(model: nnx.Module, adapter: str, out: pathlib.Path,
+              base_model_name_or_path: str | None, task_type: str | None) -> None:
+  """Writes the adapter named ``adapter`` to the folder ``out`` (see ``save_adapter``)."""
+  entries = _entries(model, adapter)
+  if not entries:
+    raise ValueError(f"save_adapter: adapter {adapter!r} adapts no layer")
   use_dora = {m.use_dora for m, _ in entries.values()}
   if len(use_dora) != 1:
     raise ValueError("save_adapter: PEFT needs one use_dora setting for every module")
   tensors, ranks, alphas = {}, {}, {}
-  flat = {id(m): (_flat(m.lora_a.get_value()), _flat(m.lora_b.get_value()),
-                  np.asarray(m.scale.get_value(), np.float32).reshape(-1),
+  weights = {id(m): adapter_weights(m, adapter) for m, _ in entries.values()}
+  flat = {id(m): (_flat(weights[id(m)].a), _flat(weights[id(m)].b),
+                  np.asarray(weights[id(m)].scale, np.float32).reshape(-1),
                   _flat(m.lora_magnitude.get_value(), 1) if m.use_dora else None)
           for m, _ in entries.values()}
   for name, (m, i) in entries.items():
     a, b, scale, magnitude = flat[id(m)]
-    r = m.ranks[i]
+    info = weights[id(m)].info
+    r = info.ranks[i]
     tensors[f"{_PREFIX}{name}.lora_A.weight"] = np.ascontiguousarray(a[i, :, :r].T)
     tensors[f"{_PREFIX}{name}.lora_B.weight"] = np.ascontiguousarray(b[i, :r, :].T)
     if magnitude is not None:
       tensors[f"{_PREFIX}{name}.{_MAGNITUDE}"] = magnitude[i]
     ranks[name] = r
-    alphas[name] = float(scale[i]) * (math.sqrt(r) if m.use_rslora else r)
-  use_rslora = {m.use_rslora for m, _ in entries.values()}
+    alphas[name] = float(scale[i]) * (math.sqrt(r) if info.use_rslora else r)
+  use_rslora = {weights[id(m)].info.use_rslora for m, _ in entries.values()}
   if len(use_rslora) != 1:
     raise ValueError("save_adapter: PEFT needs one use_rslora setting for every module")
   r = collections.Counter(ranks.values()).most_common(1)[0][0]
   alpha = collections.Counter(round(a, 6) for a in alphas.values()).most_common(1)[0][0]
-  dropouts = {m.dropout for m, _ in entries.values()}
+  dropouts = {weights[id(m)].info.dropout for m, _ in entries.values()}
   config = {
       "peft_type": "LORA",
       "task_type": task_type,
@@ -112,7 +141,6 @@ def save_adapter(model: nnx.Module, directory: str | os.PathLike, *,
       "exclude_modules": None,
       "revision": None,
   }
-  out = pathlib.Path(directory)
   out.mkdir(parents=True, exist_ok=True)
   (out / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
   save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
@@ -167,18 +195,23 @@ def _read_config(path: pathlib.Path) -> lora_lib.LoraConfig:
 
 
 def load_adapter(model: nnx.Module, directory: str | os.PathLike, *,
-                 rngs: nnx.Rngs | None = None) -> nnx.Module:
+                 rngs: nnx.Rngs | None = None, adapter_name: str | None = None) -> nnx.Module:
   """Loads a PEFT LoRA (or DoRA) adapter into ``model``.
 
   When the model has no adapters yet they are added from ``adapter_config.json``
   (targets, ranks, alphas, rsLoRA, DoRA, rank/alpha patterns); otherwise the
   existing adapters are filled (a smaller stored rank is zero-padded) and their
-  scales set from the file's config.
+  scales set from the file's config. A new ``adapter_name`` is added beside the
+  model's adapters (``jqlora.nn.add_adapter``; the active one stays active), an
+  existing one is overwritten.
 
   Args:
     model: the base model the adapter was trained on.
-    directory: a folder with ``adapter_config.json`` and ``adapter_model.safetensors``.
+    directory: a folder with ``adapter_config.json`` and ``adapter_model.safetensors``,
+      or one whose subfolder ``adapter_name`` holds them (``save_adapter``'s layout).
     rngs: for creating adapters (their values are overwritten); default seed 0.
+    adapter_name: the adapter to load into (PEFT's ``load_adapter(adapter_name=)``);
+      None: the active one, named ``"default"`` when the model has no adapters.
 
   Returns:
     ``model``, in place.
@@ -190,6 +223,8 @@ def load_adapter(model: nnx.Module, directory: str | os.PathLike, *,
       model with plain LoRA adapters (or the reverse).
   """
   path = pathlib.Path(directory)
+  if adapter_name is not None and (path / adapter_name / CONFIG_NAME).is_file():
+    path = path / adapter_name
   config = _read_config(path)
   weights_file = path / WEIGHTS_NAME
   if not weights_file.is_file():
@@ -198,9 +233,10 @@ def load_adapter(model: nnx.Module, directory: str | os.PathLike, *,
     tensors = load_file(str(weights_file))
   except Exception as e:  # safetensors raises its own error types
     raise ValueError(f"load_adapter: cannot read {weights_file}: {e}") from None
-  if not lora_modules(model):
-    apply_lora(model, config, rngs=rngs or nnx.Rngs(0))
-  entries = _entries(model)
+  if not lora_modules(model) or adapter_name not in (None, *list_adapters(model)):
+    add_adapter(model, adapter_name or "default", config, rngs=rngs or nnx.Rngs(0))
+  adapter_name = adapter_name or active_adapter(model)
+  entries = _entries(model, adapter_name)
 
   pairs: dict[str, dict[str, np.ndarray]] = collections.defaultdict(dict)
   suffixes = {".lora_A.weight": "lora_A", ".lora_B.weight": "lora_B", f".{_MAGNITUDE}": _MAGNITUDE,
@@ -252,10 +288,9 @@ def load_adapter(model: nnx.Module, directory: str | os.PathLike, *,
                        f"not fit a [{m.out_features}, {m.in_features}] linear (expected "
                        f"[{m.out_features}])")
     if id(m) not in updates:
-      updates[id(m)] = (m, np.zeros_like(_flat(m.lora_a.get_value())),
-                        np.zeros_like(_flat(m.lora_b.get_value())),
-                        np.asarray(m.scale.get_value(), np.float32).reshape(-1).copy(),
-                        list(m.ranks),
+      old = adapter_weights(m, adapter_name)
+      updates[id(m)] = (m, np.zeros_like(_flat(old.a)), np.zeros_like(_flat(old.b)),
+                        np.asarray(old.scale, np.float32).reshape(-1).copy(), list(old.info.ranks),
                         _flat(m.lora_magnitude.get_value(), 1) if m.use_dora else None)
     _, fa, fb, scale, ranks, fm = updates[id(m)]
     fa[i, :, :r] = a.T
@@ -265,11 +300,8 @@ def load_adapter(model: nnx.Module, directory: str | os.PathLike, *,
     if magnitude is not None:
       fm[i] = magnitude
   for m, fa, fb, scale, ranks, fm in updates.values():
-    dtype = m.lora_a.get_value().dtype
-    m.lora_a.set_value(jnp.asarray(fa.reshape(m.lora_a.get_value().shape), dtype))
-    m.lora_b.set_value(jnp.asarray(fb.reshape(m.lora_b.get_value().shape), dtype))
-    m.scale.set_value(jnp.asarray(scale.reshape(m.batch_shape)))
-    m.ranks = tuple(ranks)
+    set_adapter_weights(m, adapter_name, fa.reshape(m.lora_a.get_value().shape),
+                        fb.reshape(m.lora_b.get_value().shape), scale.reshape(m.batch_shape), ranks)
     if fm is not None:
       shape, mdtype = m.lora_magnitude.get_value().shape, m.lora_magnitude.get_value().dtype
       m.lora_magnitude.set_value(jnp.asarray(fm.reshape(shape), mdtype))

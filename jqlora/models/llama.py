@@ -37,12 +37,39 @@ class KVCache:
     k, v: ``[layers, B, max_len, kv_heads, head_dim]`` in the compute dtype.
     segment_ids: int32 ``[B, max_len]`` segment id of each cached slot.
     index: int32 scalar, the number of slots filled.
+
+  Writing past ``max_len`` raises ``ValueError`` (see ``check_room``) instead of
+  overwriting the last slots.
   """
 
   k: jax.Array
   v: jax.Array
   segment_ids: jax.Array
   index: jax.Array
+
+  @property
+  def max_len(self) -> int:
+    return self.segment_ids.shape[1]
+
+  def check_room(self, t: int) -> None:
+    """Raises ``ValueError`` unless ``t`` more tokens fit after ``index``.
+
+    Checked at once when ``index`` is known (outside ``jax.jit``); under a trace
+    the compiled computation raises when it runs (a ``jax.debug.callback``, which
+    JAX reports as a ``JaxRuntimeError`` carrying this message).
+    """
+    def fail(index) -> None:
+      raise ValueError(f"KV cache overrun: {t} new token(s) after the {int(index)} cached do not "
+                       f"fit in max_len = {self.max_len}; make the cache longer (init_cache)")
+
+    if t > self.max_len:
+      fail(0)
+    if not isinstance(self.index, jax.core.Tracer):
+      if int(self.index) + t > self.max_len:
+        fail(self.index)
+      return
+    jax.lax.cond(self.index + t > self.max_len, lambda: jax.debug.callback(fail, self.index),
+                 lambda: None)
 
 
 class Llama(nnx.Module):
@@ -105,7 +132,8 @@ class Llama(nnx.Module):
       positions: int32 ``[B, T]`` RoPE positions; default ``arange(T)`` (after the
         cached tokens when ``cache`` is given).
       segment_ids: int32 ``[B, T]``; tokens attend only within their segment.
-      cache: a ``KVCache`` to read and extend (incremental decoding).
+      cache: a ``KVCache`` to read and extend (incremental decoding); ``ValueError``
+        when the ``T`` tokens do not fit in it.
       return_hidden: return the final hidden states (after the final norm, in
         the compute dtype, ``[B, T, hidden]``) instead of the logits; ``logits``
         maps them to the logits.
@@ -116,6 +144,8 @@ class Llama(nnx.Module):
     """
     c = self.config
     b, t = input_ids.shape
+    if cache is not None:
+      cache.check_room(t)
     start = jnp.zeros((), jnp.int32) if cache is None else cache.index
     if positions is None:
       positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))

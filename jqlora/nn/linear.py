@@ -11,6 +11,7 @@ mesh axis divides it. A model with any layer names shards by this metadata alone
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -19,12 +20,12 @@ from flax import nnx
 
 from jqlora.format import NF4Tensor, dequantize_reference
 from jqlora.nn import lora as lora_lib
-from jqlora.nn.variables import Frozen, LoRAScale, NF4Weight
+from jqlora.nn.variables import AdapterIndex, AdapterWeight, Frozen, LoRAScale, NF4Weight
 from jqlora.nn.variables import axes as variables_axes
 from jqlora.ops import dequantize_nf4, nf4_matmul
 
-__all__ = ["Linear", "LoRALinear", "QLoRALinear", "base_matmul", "dense_weight", "batch_shape",
-           "dora_norm"]
+__all__ = ["Linear", "LoRALinear", "QLoRALinear", "AdapterBank", "AdapterInfo", "base_matmul",
+           "dense_weight", "batch_shape", "dora_norm"]
 
 Axes = tuple[str | None, str | None]
 
@@ -137,6 +138,49 @@ class Linear(nnx.Module):
     return self.base(x)
 
 
+@dataclasses.dataclass(frozen=True)
+class AdapterInfo:
+  """A named adapter's static settings on one layer: rank per stacked layer (0: not
+  adapted), dropout rate, rsLoRA."""
+
+  ranks: tuple[int, ...]
+  dropout: float
+  use_rslora: bool
+
+
+class AdapterBank(nnx.Module):
+  """The named adapters of a ``LoRALinear``, slot ``k`` being its ``adapter_names[k]``.
+
+  Attributes:
+    a: ``AdapterWeight`` ``[*batch, n, in, r]``; b: ``[*batch, n, r, out]``;
+      scale: float32 ``[*batch, n]`` (ranks zero-padded to the layer's ``r``).
+    active: ``AdapterIndex`` int32 ``[*batch]``, the slot held in the layer's
+      ``lora_a``/``lora_b``/``scale``; the bank's copy of that slot is stale while it
+      trains there, and the layer reads it from its LoRA params instead.
+    infos: one ``AdapterInfo`` per slot.
+  """
+
+  def __init__(self, layer: LoRALinear):
+    split = None if layer.axes is None else (None, layer.axes[1], layer.axes[0])
+    meta = lambda labels, optional: layer._meta(split, labels, optional=optional)
+    axis = len(layer.batch_shape)
+    self.a = AdapterWeight(jnp.expand_dims(layer.lora_a.get_value(), axis),
+                           **meta(("slot", "in", "r"), (-1,)))
+    self.b = AdapterWeight(jnp.expand_dims(layer.lora_b.get_value(), axis),
+                           **meta(("slot", "r", "out"), (-2,)))
+    self.scale = AdapterWeight(jnp.expand_dims(layer.scale.get_value(), axis))
+    self.active = AdapterIndex(jnp.zeros(layer.batch_shape, jnp.int32))
+    self.infos = (AdapterInfo(layer.ranks, layer.dropout, layer.use_rslora),)
+
+  def slots(self, a: jax.Array, b: jax.Array, scale: jax.Array):
+    """Every slot of one layer's slice, the active one from its live ``a [in, r]``,
+    ``b [r, out]``, ``scale []``: ``([n, in, r], [n, r, out], [n])``."""
+    live = jnp.arange(self.a.get_value().shape[0]) == self.active.get_value()
+    return (jnp.where(live[:, None, None], a[None], self.a.get_value()),
+            jnp.where(live[:, None, None], b[None], self.b.get_value()),
+            jnp.where(live, scale, self.scale.get_value()))
+
+
 class LoRALinear(Linear):
   """A frozen base linear plus a LoRA adapter: ``base(x) + scale * dropout(x) @ a @ b``.
 
@@ -160,6 +204,12 @@ class LoRALinear(Linear):
       stacked.
     dtype: adapter dtype (float32 by default whatever the base dtype).
     axes: logical axis names ``(out, in)`` of the base weight (see ``Linear``).
+
+  Several named adapters (``jqlora.nn.adapters``): ``adapter_names`` (the same on every
+  layer of a model), the active one in ``lora_a``/``lora_b``/``scale`` and all of them in
+  ``bank`` (an ``AdapterBank``, None while there is one adapter). ``disabled`` gives the
+  base alone; ``adapter_rows`` (``AdapterIndex [*batch, B]``, or None) picks an adapter
+  per row of the input's leading axis.
   """
 
   def __init__(self, weight: NF4Tensor | jax.Array, bias: jax.Array | None = None, *, r: int = 8,
@@ -187,6 +237,10 @@ class LoRALinear(Linear):
     self.dora_norm = nnx.data(None)
     if use_dora:
       self.reset_magnitude()
+    self.adapter_names: tuple[str, ...] = ("default",)
+    self.disabled = False
+    self.bank = nnx.data(None)
+    self.adapter_rows = nnx.data(None)
 
   @property
   def use_dora(self) -> bool:
@@ -206,7 +260,7 @@ class LoRALinear(Linear):
   def __call__(self, x: jax.Array, *, rng: jax.Array | None = None) -> jax.Array:
     """Args: x ``[..., in]``; rng: dropout key (training mode). Returns ``[..., out]``."""
     y = self.base(x)
-    if self.merged:
+    if self.merged or self.disabled:
       return y
     drop_rng = None
     if not self.deterministic and self.dropout > 0.0:
@@ -217,6 +271,12 @@ class LoRALinear(Linear):
         rng = self.rngs.dropout()
       drop_rng = rng
     a, b, scale = self.lora_a.get_value(), self.lora_b.get_value(), self.scale.get_value()
+    if self.adapter_rows is not None:
+      if drop_rng is not None:
+        raise ValueError("LoRALinear: an adapter per row is for inference; call model.eval() "
+                         "(no LoRA dropout)")
+      slots = (a[None], b[None], scale[None]) if self.bank is None else self.bank.slots(a, b, scale)
+      return y + lora_lib.routed_lora_delta(x, *slots, self.adapter_rows.get_value())
     if not self.use_dora:
       return y + lora_lib.lora_delta(x, a, b, scale, dropout=self.dropout, rng=drop_rng)
     h = lora_lib.apply_dropout(x.astype(a.dtype), self.dropout, drop_rng)

@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 
 __all__ = ["LoraConfig", "INITS", "scaling", "resolve", "matches_target", "init_adapter",
-           "apply_dropout", "lora_delta", "pissa_split", "weight_norm", "dora_factor", "dora_delta",
-           "delta_weight", "merged_weight"]
+           "apply_dropout", "lora_delta", "routed_lora_delta", "pissa_split", "weight_norm",
+           "dora_factor", "dora_delta", "delta_weight", "merged_weight"]
 
 INITS = ("kaiming", "gaussian", "pissa")
 
@@ -235,6 +235,27 @@ def lora_delta(x: jax.Array, a: jax.Array, b: jax.Array, scale: jax.Array | floa
   """
   h = apply_dropout(x.astype(a.dtype), dropout, rng)
   return (scale * _low_rank(h, a, b)).astype(x.dtype)
+
+
+def routed_lora_delta(x: jax.Array, a: jax.Array, b: jax.Array, scale: jax.Array,
+                      rows: jax.Array) -> jax.Array:
+  """A different adapter per batch row (PEFT's mixed batch): row ``i`` gets
+  ``scale[k] * x[i] @ a[k] @ b[k]`` with ``k = rows[i]``, nothing where ``k < 0``.
+
+  Args:
+    x: ``[B, ..., in]`` input.
+    a: ``[n, in, r]``; b: ``[n, r, out]``; scale: ``[n]``: ``n`` adapters.
+    rows: int32 ``[B]`` adapter of each row, -1 for none.
+
+  Returns:
+    ``[B, ..., out]`` in ``x.dtype``.
+  """
+  on = rows >= 0
+  k = jnp.clip(rows, 0, a.shape[0] - 1)
+  h = x.astype(a.dtype).reshape(x.shape[0], -1, x.shape[-1])
+  y = jnp.einsum("btr,bro->bto", jnp.einsum("bti,bir->btr", h, a[k]), b[k])
+  s = jnp.where(on, jnp.asarray(scale, jnp.float32)[k], 0.0).astype(y.dtype)
+  return (s[:, None, None] * y).reshape(*x.shape[:-1], b.shape[-1]).astype(x.dtype)
 
 
 def delta_weight(a: jax.Array, b: jax.Array, scale: jax.Array | float) -> jax.Array:

@@ -15,7 +15,7 @@ from jqlora.nn.linear import Linear, LoRALinear, QLoRALinear, batch_shape, dense
 from jqlora.nn.variables import DoRANorm, Frozen, NF4Weight, logical_axes
 
 __all__ = ["apply_lora", "merge_lora", "unmerge_lora", "trainable_params", "module_names",
-           "lora_modules"]
+           "lora_modules", "linear_layers", "lora_layer", "set_child"]
 
 
 def module_names(model: nnx.Module, path: tuple, batch_shape: tuple[int, ...] = ()) -> list[str]:
@@ -34,7 +34,8 @@ def lora_modules(model: nnx.Module) -> list[tuple[tuple, LoRALinear]]:
   return [(tuple(p), m) for p, m in nnx.iter_graph(model) if isinstance(m, LoRALinear)]
 
 
-def _set_child(model: nnx.Module, path: tuple, value: Any) -> None:
+def set_child(model: nnx.Module, path: tuple, value: Any) -> None:
+  """Replaces the submodule of ``model`` at ``path`` by ``value``."""
   parent = model
   for p in path[:-1]:
     parent = parent[p] if isinstance(p, int) else getattr(parent, p)
@@ -85,43 +86,56 @@ def apply_lora(model: nnx.Module, config: lora_lib.LoraConfig, *, rngs: nnx.Rngs
   """
   if lora_modules(model):
     raise ValueError("apply_lora: the model already has LoRA adapters")
-  candidates = [(tuple(p), m) for p, m in nnx.iter_graph(model)
-                if type(m) in (Linear, nnx.Linear)]
-  dtype = jnp.dtype(config.dtype)
+  candidates = linear_layers(model)
   replaced = 0
   for path, module in candidates:
-    base = _as_base(module)
-    names = module_names(model, path, base.batch_shape)
-    is_head = str(path[-1]) == "lm_head"
-    hits = [lora_lib.matches_target(config, n, is_output_head=is_head) for n in names]
-    if not any(hits):
-      continue
-    resolved = [lora_lib.resolve(config, n) for n in names]
-    ranks = [r for (r, _), hit in zip(resolved, hits) if hit]
-    r_max = max(ranks)
-    cls = QLoRALinear if base.quantized else LoRALinear
-    init = "kaiming" if config.init == "pissa" else config.init
-    new = cls(base.weight.get_value(), None if base.bias is None else base.bias.get_value(),
-              r=r_max, dropout=config.dropout, init=init, rngs=rngs, dtype=dtype,
-              use_rslora=config.use_rslora, use_dora=config.use_dora, axes=base.axes)
-    scales = np.array([s if hit else 0.0 for (_, s), hit in zip(resolved, hits)], np.float32)
-    rank_of = np.array([r if hit else 0 for (r, _), hit in zip(resolved, hits)])
-    new.scale.set_value(jnp.asarray(scales.reshape(new.batch_shape)))
-    new.ranks = tuple(int(r) for r in rank_of)
-    if (rank_of != r_max).any():
-      keep = (np.arange(r_max)[None, :] < rank_of[:, None]).reshape(*new.batch_shape, 1, r_max)
-      new.lora_a.set_value(jnp.where(keep, new.lora_a.get_value(), 0).astype(dtype))
-    if config.init == "pissa":
-      _pissa(new, names, hits, rank_of, scales)
-    if new.use_dora:
-      new.reset_magnitude()
-    _set_child(model, path, new)
-    replaced += 1
+    new = lora_layer(model, path, module, config, rngs=rngs)
+    if new is not None:
+      set_child(model, path, new)
+      replaced += 1
   if not replaced:
     names = sorted({module_names(model, p, _as_base(m).batch_shape)[0] for p, m in candidates})
     raise ValueError(f"apply_lora: target_modules {config.target_modules!r} matched no linear "
                      f"layer; candidates are e.g. {names[:8]}")
   return model
+
+
+def linear_layers(model: nnx.Module) -> list[tuple[tuple, Linear | nnx.Linear]]:
+  """``(path, module)`` of every linear without an adapter (``Linear``, ``nnx.Linear``)."""
+  return [(tuple(p), m) for p, m in nnx.iter_graph(model) if type(m) in (Linear, nnx.Linear)]
+
+
+def lora_layer(model: nnx.Module, path: tuple, module: Linear | nnx.Linear,
+               config: lora_lib.LoraConfig, *, rngs: nnx.Rngs) -> LoRALinear | None:
+  """The LoRA version of the linear ``module`` at ``path`` as ``apply_lora`` makes it, or
+  None when ``config`` targets none of its (stacked) layers; ``model`` is not changed."""
+  base = _as_base(module)
+  names = module_names(model, path, base.batch_shape)
+  is_head = str(path[-1]) == "lm_head"
+  hits = [lora_lib.matches_target(config, n, is_output_head=is_head) for n in names]
+  if not any(hits):
+    return None
+  dtype = jnp.dtype(config.dtype)
+  resolved = [lora_lib.resolve(config, n) for n in names]
+  ranks = [r for (r, _), hit in zip(resolved, hits) if hit]
+  r_max = max(ranks)
+  cls = QLoRALinear if base.quantized else LoRALinear
+  init = "kaiming" if config.init == "pissa" else config.init
+  new = cls(base.weight.get_value(), None if base.bias is None else base.bias.get_value(),
+            r=r_max, dropout=config.dropout, init=init, rngs=rngs, dtype=dtype,
+            use_rslora=config.use_rslora, use_dora=config.use_dora, axes=base.axes)
+  scales = np.array([s if hit else 0.0 for (_, s), hit in zip(resolved, hits)], np.float32)
+  rank_of = np.array([r if hit else 0 for (r, _), hit in zip(resolved, hits)])
+  new.scale.set_value(jnp.asarray(scales.reshape(new.batch_shape)))
+  new.ranks = tuple(int(r) for r in rank_of)
+  if (rank_of != r_max).any():
+    keep = (np.arange(r_max)[None, :] < rank_of[:, None]).reshape(*new.batch_shape, 1, r_max)
+    new.lora_a.set_value(jnp.where(keep, new.lora_a.get_value(), 0).astype(dtype))
+  if config.init == "pissa":
+    _pissa(new, names, hits, rank_of, scales)
+  if new.use_dora:
+    new.reset_magnitude()
+  return new
 
 
 def _pissa(module: LoRALinear, names, hits, ranks, scales) -> None:
@@ -176,7 +190,7 @@ def merge_lora(model: nnx.Module, *, copy: bool = False) -> nnx.Module:
       w = dense_weight(m.weight.get_value())
       if isinstance(m, LoRALinear) and not m.merged:
         w = lora_lib.merged_weight(w, *_adapter(m), _magnitude(m)).astype(w.dtype)
-      _set_child(out, path, Linear(w, None if m.bias is None else m.bias.get_value(), axes=m.axes))
+      set_child(out, path, Linear(w, None if m.bias is None else m.bias.get_value(), axes=m.axes))
     return out
   modules = lora_modules(model)
   quantized = [m for _, m in modules if m.quantized]

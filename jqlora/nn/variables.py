@@ -8,7 +8,11 @@ State is partitioned by Variable type, so a filter decides what trains:
   weights, biases);
 - ``nnx.LoRAParam``: the adapters (and DoRA magnitudes), the only trainable state;
 - ``LoRAScale``: the adapters' fixed scaling (per stacked layer);
-- ``DoRANorm``: DoRA's weight norms saved by ``merge_lora`` for ``unmerge_lora``.
+- ``DoRANorm``: DoRA's weight norms saved by ``merge_lora`` for ``unmerge_lora``;
+- ``AdapterWeight``: the stored named adapters of a layer (``jqlora.nn.adapters``),
+  never trained (the active one trains in its ``LoRAParam`` copy);
+- ``AdapterIndex``: int32 adapter slots, the active one or one per batch row (data, so
+  switching adapters does not recompile).
 
 How a Variable shards is said where it is made: ``axes(names)`` is its metadata,
 one logical axis name per dimension (``"embed"``, ``"mlp"``, ``"heads"``,
@@ -27,8 +31,8 @@ from typing import Any
 
 from flax import nnx
 
-__all__ = ["NF4Weight", "Frozen", "LoRAScale", "DoRANorm", "STACK_AXIS", "OPTIONAL_KEY",
-           "LABELS_KEY", "axes", "logical_axes"]
+__all__ = ["NF4Weight", "Frozen", "LoRAScale", "DoRANorm", "AdapterWeight", "AdapterIndex",
+           "STACK_AXIS", "OPTIONAL_KEY", "LABELS_KEY", "axes", "logical_axes"]
 
 #: The logical name of stacked-layer axes (never split by jqlora's rules).
 STACK_AXIS = "layers"
@@ -52,6 +56,15 @@ class LoRAScale(nnx.Variable):
 
 class DoRANorm(nnx.Variable):
   """float32 DoRA weight norms ``[*batch, out]`` of a merged layer, kept for unmerging."""
+
+
+class AdapterWeight(nnx.Variable):
+  """Named adapters of one layer stacked on a slot axis: ``a [*batch, n, in, r]``,
+  ``b [*batch, n, r, out]``, scale float32 ``[*batch, n]`` (frozen)."""
+
+
+class AdapterIndex(nnx.Variable):
+  """int32 adapter slots: the active one ``[*batch]``, or one per row ``[*batch, B]`` (-1: none)."""
 
 
 def axes(names: Sequence[str | None] | None, *, stack: int = 0, optional: Sequence[int] = (),

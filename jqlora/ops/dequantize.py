@@ -1,11 +1,13 @@
-"""``dequantize_nf4``: an ``NF4Tensor`` to a dense array, on the best backend available.
+"""``dequantize_nf4``: an ``NF4Tensor`` (NF4, FP4 or Int4) to a dense array, on the best backend.
 
 Backends, in automatic order: ``"pallas"`` (the Triton kernel, on a GPU),
 ``"native"`` (the C kernel of ``jqlora.kernels.native``, on a CPU with AVX2 or
 AVX-512, float32/bfloat16 output), ``"xla"`` (``jqlora.format.dequantize_reference``,
 everywhere). Named only: ``"mosaic_gpu"`` (the Mosaic GPU kernel) and
 ``"interpret"`` (the Triton kernel in the Pallas interpreter, for CPU tests). All
-are bit-identical.
+are bit-identical, for each code table (NF4, FP4, Int4: ``NF4Tensor.quant_type``).
+Under a mesh every backend but ``"xla"`` (which XLA partitions itself) decodes
+each device's shard of the storage in place (``jqlora.ops.per_shard``).
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jqlora.format import NF4_CODE, NF4Tensor, dequantize_absmax, dequantize_reference
+from jqlora.format import NF4Tensor, dequantize_absmax, dequantize_reference
 from jqlora.kernels import native
+from jqlora.ops import per_shard
 from jqlora.ops.registry import Implementation, Op
 from pallas_kernels.nf4_dequantize import api as kernels
 
@@ -26,19 +29,24 @@ def _on(platform: str):
 
 
 def _pallas(t: NF4Tensor, dtype) -> jax.Array:
-  return kernels.dequantize(t, dtype)
+  return per_shard.dequantize(kernels.dequantize, t, dtype)
 
 
 def _mosaic_gpu(t: NF4Tensor, dtype) -> jax.Array:
-  return kernels.dequantize(t, dtype, implementation="mosaic_gpu")
+  decode = lambda t, dtype: kernels.dequantize(t, dtype, implementation="mosaic_gpu")
+  return per_shard.dequantize(decode, t, dtype)
 
 
 def _interpret(t: NF4Tensor, dtype) -> jax.Array:
-  return kernels.dequantize(t, dtype, interpret=True)
+  return per_shard.dequantize(lambda t, dtype: kernels.dequantize(t, dtype, interpret=True), t, dtype)
 
 
 def _native(t: NF4Tensor, dtype) -> jax.Array:
-  flat = native.dequantize(t.packed.reshape(-1), dequantize_absmax(t), NF4_CODE, n=t.size,
+  return per_shard.dequantize(_native_one, t, dtype)
+
+
+def _native_one(t: NF4Tensor, dtype) -> jax.Array:
+  flat = native.dequantize(t.packed.reshape(-1), dequantize_absmax(t), t.code, n=t.size,
                            block_size=t.block_size, dtype=dtype)
   return flat.reshape(t.shape)
 

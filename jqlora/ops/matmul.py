@@ -7,7 +7,10 @@ and no gradient flows to ``W``. Backends, in automatic order: ``"pallas"`` (the
 fused Triton kernels, on a GPU) and ``"xla"`` (decode, then XLA's dot). Named
 only: ``"native"`` (the C decode, then XLA's dot: it did not shorten the CPU
 training step, ``benchmarks/compare_torch.py``, and XLA fuses its own decode) and
-``"interpret"`` (the Pallas kernels interpreted, for CPU tests).
+``"interpret"`` (the Pallas kernels interpreted, for CPU tests). Under a mesh every
+backend but ``"xla"`` (which XLA partitions itself) runs once per device on its shards
+(``jqlora.ops.per_shard``): column-parallel, row-parallel (``psum`` of the partial
+products) and FSDP (the uint8 storage gathered, decoded locally), forward and backward.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from jqlora.format import NF4Tensor
+from jqlora.ops import per_shard
 from jqlora.ops.dequantize import dequantize_nf4
 from jqlora.ops.registry import Implementation, Op
 from pallas_kernels import nf4_matmul as nf4_matmul_kernels
@@ -45,10 +49,16 @@ def _differentiable(forward: Kernel, transposed: Kernel) -> Kernel:
   return matmul
 
 
+def _per_shard(forward: Kernel, transposed: Kernel) -> Kernel:
+  """``_differentiable``, each kernel run on each device's shards under a mesh (``per_shard``)."""
+  return _differentiable(lambda x, w: per_shard.matmul(forward, x, w),
+                         lambda dy, w: per_shard.matmul(transposed, dy, w, transposed=True))
+
+
 def _kernels(**kwargs) -> Kernel:
   """The fused Pallas kernels (``kwargs``: ``interpret``) as a differentiable pair."""
-  return _differentiable(lambda x, w: nf4_matmul_kernels.matmul(x, w, **kwargs),
-                         lambda dy, w: nf4_matmul_kernels.matmul_transposed(dy, w, **kwargs))
+  return _per_shard(lambda x, w: nf4_matmul_kernels.matmul(x, w, **kwargs),
+                    lambda dy, w: nf4_matmul_kernels.matmul_transposed(dy, w, **kwargs))
 
 
 def _native_decode(x: jax.Array, w: NF4Tensor, transposed: bool) -> jax.Array:
@@ -60,8 +70,8 @@ def _native_decode(x: jax.Array, w: NF4Tensor, transposed: bool) -> jax.Array:
 #: The op and its backends (see the module docstring).
 NF4_MATMUL = Op("nf4_matmul", [
     Implementation("pallas", _kernels(), preferred=lambda x, w: jax.default_backend() == "gpu"),
-    Implementation("native", _differentiable(lambda x, w: _native_decode(x, w, False),
-                                             lambda dy, w: _native_decode(dy, w, True)),
+    Implementation("native", _per_shard(lambda x, w: _native_decode(x, w, False),
+                                        lambda dy, w: _native_decode(dy, w, True)),
                    automatic=False),
     Implementation("xla", _differentiable(matmul_reference, matmul_transposed_reference)),
     Implementation("interpret", _kernels(interpret=True), automatic=False),

@@ -124,7 +124,7 @@ def _nf4_specs(t: NF4Tensor, spec: P, variable: nnx.Variable, where: str,
                   unsplit)
     spec_p = spec_a  # packed [.., in/2] splits exactly where absmax [.., in/B] does
   return NF4Tensor(spec_p, spec_a, rep(t.absmax2), rep(t.offset), shape=t.shape, dtype=t.dtype,
-                   block_size=t.block_size, double_quant=t.double_quant)
+                   block_size=t.block_size, double_quant=t.double_quant, quant_type=t.quant_type)
 
 
 def _as_state(model_or_state: Any) -> Any:

@@ -37,13 +37,26 @@ def shard_model(model: Any, mesh: Mesh, **kwargs) -> Any:
 
   Returns:
     ``model``, its arrays now ``jax.Array``s with ``NamedSharding`` on ``mesh``.
+    Variables already on ``mesh`` (``load_model(..., mesh=mesh)``) stay as they
+    are unless ``rules`` are given; the rest are placed.
 
   Multi-process: every process holds the same host-local model (same
   checkpoint, same seed) and keeps only its devices' shards of it.
   """
-  state = nnx.state(model)
+  if kwargs:
+    state = nnx.state(model)
+  else:
+    state = nnx.state(model, lambda path, v: not _on_mesh(v, mesh))
   nnx.update(model, jax.tree.map(_put, state, model_shardings(state, mesh, **kwargs)))
   return model
+
+
+def _on_mesh(variable: Any, mesh: Mesh) -> bool:
+  """Whether every array of ``variable`` is a ``jax.Array`` with a ``NamedSharding`` on ``mesh``."""
+  leaves = jax.tree.leaves(variable.get_value() if isinstance(variable, nnx.Variable) else variable)
+  return bool(leaves) and all(
+      isinstance(x, jax.Array) and isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh
+      for x in leaves)
 
 
 def _put(x: Any, s: NamedSharding) -> jax.Array:

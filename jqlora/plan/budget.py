@@ -12,7 +12,10 @@ Activations follow a model of jqlora's compiled step, stated in "copies" of
 per-token vectors saved per layer and of one layer's working set, with
 coefficients measured from XLA's buffer assignment (``memory_analysis()`` of the
 jitted step) over a grid of model shapes; ``tests/plan/test_plan.py`` checks it
-against fresh measurements.
+against fresh measurements. LoRA dropout's masks and what XLA:CPU adds to a 16-bit
+step (a float32 copy of the LM head) were read off the buffer assignment of the
+full-size steps compiled on shapes alone (``jqlora.plan.measure``,
+``benchmarks/bench_plan.py``).
 """
 
 from __future__ import annotations
@@ -29,13 +32,22 @@ from jqlora.models import LlamaConfig
 
 __all__ = ["Plan", "PRESETS", "DTYPE_BYTES", "plan", "format_plan", "parse_size"]
 
-#: LLaMA-1 shapes used by the QLoRA paper (``--model llama-65b``).
+#: LLaMA-1 shapes used by the QLoRA paper (``--model llama-65b``), then Llama 2 and 3.
 PRESETS: dict[str, dict[str, Any]] = {
     f"llama-{name}": dict(model_type="llama", vocab_size=32000, hidden_size=d,
                           intermediate_size=i, num_hidden_layers=n, num_attention_heads=h,
                           num_key_value_heads=h, max_position_embeddings=2048)
     for name, d, i, n, h in (("7b", 4096, 11008, 32, 32), ("13b", 5120, 13824, 40, 40),
                              ("33b", 6656, 17920, 60, 52), ("65b", 8192, 22016, 80, 64))
+}
+#: Llama 2 and Llama 3 shapes (as their ``config.json``; Llama 3: grouped-query attention, 128K vocabulary).
+PRESETS |= {
+    "llama-2-13b": dict(PRESETS["llama-13b"], max_position_embeddings=4096),
+    **{f"llama-3-{name}": dict(model_type="llama", vocab_size=128256, hidden_size=d,
+                               intermediate_size=i, num_hidden_layers=n, num_attention_heads=h,
+                               num_key_value_heads=8, rope_theta=500000.0,
+                               max_position_embeddings=8192)
+       for name, d, i, n, h in (("8b", 4096, 14336, 32, 32), ("70b", 8192, 28672, 80, 64))},
 }
 
 _LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -52,6 +64,9 @@ _WORK = {"dq": 4.8, "kv": 1.6, "i": 7.1, "scores": 2.2, "P": 0.8, "logits": 0.25
 _SAVED_REMAT = {"x": 1.0}  # the layer inputs, with checkpointing
 _WORK_REMAT = {"dq": 3.0, "kv": 1.3, "i": 12.0, "scores": 3.5, "P": 1.1, "logits": 0.0}
 _LOGITS_COPIES = 2  # float32 logits and their gradient, live together at the loss
+# LoRA dropout: the random bits (uint32) and the float32 dropped-out input of every linear of
+# one layer, in the working set (read off XLA:CPU's buffer assignment, with checkpointing).
+_DROPOUT_COPIES = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +89,9 @@ class Plan:
     lora_r, target_modules: the adapters' rank and the decoder linears adapted.
     dtype, base_dtype, adapter_dtype: of activations, float frozen weights, adapters.
     optimizer_offload: Adam moments on the host (not counted).
+    lora_dropout: the adapters' dropout rate (its masks are counted when > 0).
+    upcast_matmuls: the backend computes 16-bit matmuls in float32 (XLA:CPU) and
+      keeps a float32 copy of the LM head, counted in the activations.
   """
 
   model: str
@@ -97,6 +115,8 @@ class Plan:
   base_dtype: str = "bfloat16"
   adapter_dtype: str = "float32"
   optimizer_offload: bool = False
+  lora_dropout: float = 0.0
+  upcast_matmuls: bool = False
 
   @property
   def activations(self) -> int:
@@ -181,7 +201,8 @@ def plan(model: LlamaConfig | Mapping[str, Any] | str | pathlib.Path, *, devices
          data: int | None = None, fsdp: int | None = None, tensor: int = 1,
          checkpointing: bool = False, dtype: str = "bfloat16", base_dtype: str | None = None,
          adapter_dtype: str = "float32", block_size: int = 64, double_quant: bool = True,
-         optimizer_offload: bool = False) -> Plan:
+         optimizer_offload: bool = False, lora_dropout: float = 0.0,
+         upcast_matmuls: bool = False) -> Plan:
   """The per-device memory budget of QLoRA training.
 
   The defaults are ``jqlora train``'s (``TrainConfig``): rank 8 on every decoder
@@ -202,6 +223,13 @@ def plan(model: LlamaConfig | Mapping[str, Any] | str | pathlib.Path, *, devices
       weights (default ``dtype``); adapter_dtype: of adapters and gradients.
     block_size, double_quant: NF4 settings.
     optimizer_offload: Adam moments live on the host (QLoRA's paged optimizer).
+    lora_dropout: LoRA dropout rate; above 0 each linear of the layer being
+      computed holds a uint32 mask and a float32 dropped-out copy of its input.
+    upcast_matmuls: count what XLA:CPU adds to a 16-bit step: it computes bf16
+      matmuls in float32 and keeps a float32 copy of the LM head (``vocab x
+      hidden x 4`` bytes, split like the head) for the forward and backward pass
+      (read off its buffer assignment). Off: a backend with native 16-bit
+      matmuls (GPUs, TPUs).
 
   Returns:
     A ``Plan``.
@@ -247,15 +275,18 @@ def plan(model: LlamaConfig | Mapping[str, Any] | str | pathlib.Path, *, devices
   scores = b_dev * (c.num_attention_heads // max(1, tensor)) * seq * seq * 4
   per_layer_params = sum(o * k for o, k in shapes.values()) // tensor
   widths = {"dq": n * (d + q) * s, "kv": n * kv * s, "i": n * i * s, "scores": scores,
-            "P": per_layer_params * s, "logits": n * V * 4, "x": n * d * s}
+            "P": per_layer_params * s, "logits": n * V * 4, "x": n * d * s,
+            "dropout": n * (5 * d + q + i) * 4}  # inputs of q, k, v, gate, up (d), o (q), down (i)
 
   def copies(coef: Mapping[str, float]) -> float:
     return sum(v * widths[k] for k, v in coef.items())
 
   logits_phase = _LOGITS_COPIES * widths["logits"]
-  full = max(L * copies(_SAVED) + copies(_WORK), L * copies(_SAVED) + logits_phase)
+  head32 = -(-V * d * 4 // split) if upcast_matmuls and s < 4 else 0
+  work = head32 + (_DROPOUT_COPIES * widths["dropout"] if lora_dropout > 0 else 0)
+  full = max(L * copies(_SAVED) + copies(_WORK), L * copies(_SAVED) + logits_phase) + work
   remat = max(L * copies(_SAVED_REMAT) + copies(_WORK_REMAT),
-              L * copies(_SAVED_REMAT) + logits_phase)
+              L * copies(_SAVED_REMAT) + logits_phase) + work
 
   adapters = -(-adapter_params // split)
   shape = f"{c.model_type} L={L} d={d} ffn={c.intermediate_size} vocab={V}"
@@ -272,7 +303,8 @@ def plan(model: LlamaConfig | Mapping[str, Any] | str | pathlib.Path, *, devices
       activations_full=int(full), activations_checkpointed=int(remat),
       memory_per_device=None if memory_per_device is None else parse_size(memory_per_device),
       lora_r=lora_r, target_modules=targets, dtype=dtype, base_dtype=base_dtype or dtype,
-      adapter_dtype=adapter_dtype, optimizer_offload=optimizer_offload)
+      adapter_dtype=adapter_dtype, optimizer_offload=optimizer_offload,
+      lora_dropout=lora_dropout, upcast_matmuls=upcast_matmuls)
 
 
 def _human(n: int) -> str:
@@ -294,13 +326,15 @@ def _assumptions(p: Plan) -> list[tuple[str, str]]:
       ("model", p.model),
       ("devices, mesh", f"{devices} device{'s' if devices > 1 else ''}: {mesh}"),
       ("batch x seq", f"{p.batch} x {p.seq} (global; {p.tokens_per_device} tokens per device)"),
-      ("LoRA", f"r={p.lora_r} on {targets}"),
+      ("LoRA", f"r={p.lora_r} on {targets}"
+       + (f", dropout {p.lora_dropout:g}" if p.lora_dropout else "")),
       ("checkpointing", "on: each layer recomputed in the backward pass" if p.checkpointing
        else "off: every layer's activations kept for the backward pass"),
       ("dtype", f"{floats}; {p.adapter_dtype} adapters and gradients"),
       ("optimizer offload", "on: Adam moments on the host (paged), not counted"
        if p.optimizer_offload else "off: Adam's two float32 moments on the device"),
-  ]
+  ] + ([("matmuls", "16-bit matmuls in float32, a float32 copy of the LM head (XLA:CPU)")]
+       if p.upcast_matmuls else [])
 
 
 def format_plan(p: Plan, header: str = "assumptions:") -> str:

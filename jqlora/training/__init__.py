@@ -5,7 +5,7 @@ reads that one object and never the CLI.
 """
 
 from jqlora.training.batch import IGNORE_INDEX, Batch
-from jqlora.training.optim import make_optimizer, make_schedule, make_tx
+from jqlora.training.optim import make_optimizer, make_schedule, make_tx, nonfinite_counts
 from jqlora.training.step import (
                                   PMAP_AXIS,
                                   chunked_token_loss_sums,
@@ -16,5 +16,5 @@ from jqlora.training.step import (
 )
 
 __all__ = ["IGNORE_INDEX", "PMAP_AXIS", "Batch", "chunked_token_loss_sums", "eval_loss_sums",
-           "make_optimizer", "make_schedule", "make_tx", "pmap_train_step", "token_loss_sums",
-           "train_step"]
+           "make_optimizer", "make_schedule", "make_tx", "nonfinite_counts", "pmap_train_step",
+           "token_loss_sums", "train_step"]

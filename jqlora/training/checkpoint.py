@@ -1,7 +1,8 @@
 """Orbax checkpoints of a run: adapters, optimizer state, RNG state, step and data position.
 
 Frozen base weights are never written: a checkpoint holds only what training
-changes. Orbax writes each step into a temporary folder and renames it when
+changes (the optimizer's ``wrt`` state: the adapters, or with ``finetune: full``
+every float weight). Orbax writes each step into a temporary folder and renames it when
 complete, so a process killed during a save leaves the previous step usable.
 
 Any mesh restores any checkpoint: arrays are stored whole (each process writes
@@ -37,16 +38,28 @@ def _trainable_state(model: nnx.Module, optimizer: nnx.Optimizer) -> dict[str, A
 
 
 class Checkpointer:
-  """Saves and restores the training state under ``directory`` (one sub-folder per step)."""
+  """Saves and restores the training state under ``directory`` (one sub-folder per step).
+
+  ``directory`` is created by the first ``save``, not before: a run that fails
+  before its first checkpoint leaves no trace.
+  """
 
   def __init__(self, directory: str | pathlib.Path, max_to_keep: int | None = 2):
     self.directory = pathlib.Path(directory).resolve()
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                           enable_async_checkpointing=False)
-    self._manager = ocp.CheckpointManager(self.directory, options=options)
+    self._options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                                 enable_async_checkpointing=False)
+    self._opened: ocp.CheckpointManager | None = None
+
+  @property
+  def _manager(self) -> ocp.CheckpointManager:
+    if self._opened is None:
+      self._opened = ocp.CheckpointManager(self.directory, options=self._options)
+    return self._opened
 
   def latest_step(self) -> int | None:
     """The newest complete checkpoint's step (unfinished temporary folders are ignored)."""
+    if self._opened is None and not self.directory.is_dir():
+      return None
     self._manager.reload()
     return self._manager.latest_step()
 
@@ -57,6 +70,11 @@ class Checkpointer:
     self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave({**meta, "step": step})))
     self._manager.wait_until_finished()
+
+  def meta(self, step: int) -> dict[str, Any]:
+    """Step ``step``'s ``meta`` alone (no arrays are read)."""
+    restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    return dict(restored.meta)
 
   def restore(self, step: int, model: nnx.Module, optimizer: nnx.Optimizer) -> dict[str, Any]:
     """Loads step ``step`` into ``model`` and ``optimizer`` in place; returns its ``meta``.
@@ -79,4 +97,5 @@ class Checkpointer:
     return dict(restored.meta)
 
   def close(self) -> None:
-    self._manager.close()
+    if self._opened is not None:
+      self._opened.close()

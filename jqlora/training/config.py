@@ -18,20 +18,40 @@ lora_r must be int, got 'abc'``), and says what was expected.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import pathlib
 import re
 import types
 import typing
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import yaml
 
 from jqlora.parallel.config import ConfigError, DistributedConfig, MeshConfig
 
-__all__ = ["ConfigError", "DistributedConfig", "MeshConfig", "TrainConfig", "load_config",
+__all__ = ["ConfigError", "DistributedConfig", "MeshConfig", "TrainConfig", "blame", "load_config",
            "parse_overrides"]
+
+
+@contextlib.contextmanager
+def blame(culprit: str) -> Iterator[None]:
+  """Inside, an error that input causes becomes ``ConfigError("culprit: message")``.
+
+  For code that reads what the user named (a model or adapter folder, an output
+  path): its ValueError, KeyError, OSError or NotImplementedError carries a good
+  message; this adds which setting or flag it came from. A ConfigError passes
+  through unchanged.
+  """
+  try:
+    yield
+  except ConfigError:
+    raise
+  except (ValueError, KeyError, OSError, NotImplementedError) as e:
+    message = e.args[0] if isinstance(e, KeyError) and e.args else e
+    raise ConfigError(f"{culprit}: {message}") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +71,7 @@ class TrainConfig:
   lora_target_modules: str | list[str] = "all-linear"
   use_rslora: bool = False
   use_dora: bool = False
+  finetune: Literal["lora", "full"] = "lora"  # full: every float weight trains, no adapters
   # data
   dataset: str = ""
   dataset_type: Literal["auto", "alpaca", "chat", "text"] = "auto"
@@ -72,14 +93,18 @@ class TrainConfig:
   adam_beta2: float = 0.999
   adam_epsilon: float = 1e-8
   max_grad_norm: float | None = 1.0
+  max_nonfinite_steps: int = 10  # consecutive non-finite updates skipped before the run stops
   # run
   output_dir: str = "outputs"
   save_steps: int | None = None
   save_total_limit: int | None = 2
   resume_from_checkpoint: bool = True
+  resume_changed_settings: bool = False  # resume a checkpoint whose run had other settings
   eval_steps: int | None = None
   eval_batch_size: int = 8
   logging_steps: int = 1
+  logging: list[Literal["jsonl", "tensorboard"]] = dataclasses.field(  # metrics.jsonl is always
+      default_factory=lambda: ["jsonl"])  # written; tensorboard adds output_dir/tensorboard/
   seed: int = 0
   # held-out generation check (exact match of the reference answer)
   eval_exact_match: bool = False
@@ -92,7 +117,7 @@ class TrainConfig:
 
   def __post_init__(self) -> None:
     positive = ("lora_r", "sequence_len", "micro_batch_size", "gradient_accumulation_steps",
-                "eval_batch_size", "logging_steps", "eval_max_new_tokens")
+                "eval_batch_size", "logging_steps", "eval_max_new_tokens", "max_nonfinite_steps")
     for key in positive:
       if getattr(self, key) < 1:
         raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
@@ -106,6 +131,11 @@ class TrainConfig:
       raise ConfigError(f"val_set_size must be >= 0 (a fraction < 1 or a count), got {self.val_set_size}")
     if not self.dataset:
       raise ConfigError("dataset is required: a JSONL file (alpaca, chat or text records)")
+    if "jsonl" not in self.logging:
+      raise ConfigError(f"logging must include jsonl (resume and jqlora plot read metrics.jsonl), "
+                        f"got {self.logging}")
+    if self.finetune == "full" and self.load_in_4bit:
+      raise ConfigError("finetune: full needs a float base: set load_in_4bit: false")
 
   @property
   def tokens_per_step(self) -> int:
@@ -271,8 +301,11 @@ def load_config(path: str | pathlib.Path | None, overrides: dict[str, Any] | Non
       raise ConfigError(f"config file {path} does not exist")
     try:
       loaded = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-      raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    except yaml.YAMLError as e:  # one line: the problem and where
+      mark = getattr(e, "problem_mark", None)
+      at = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+      problem = " ".join(str(getattr(e, "problem", None) or e).split())
+      raise ConfigError(f"{path}{at}: not valid YAML: {problem}") from None
     if loaded is None:
       loaded = {}
     if not isinstance(loaded, dict):

@@ -20,7 +20,7 @@ import numpy as np
 from jqlora.generate import render_prompt
 from jqlora.training.batch import IGNORE_INDEX
 
-__all__ = ["DataError", "Example", "read_jsonl", "detect_format", "to_messages", "encode",
+__all__ = ["DataError", "Example", "read_text", "read_jsonl", "detect_format", "to_messages", "encode",
            "Dataset", "load_dataset", "BatchIterator", "eval_batches"]
 
 FORMATS = ("alpaca", "chat", "text")
@@ -39,6 +39,30 @@ class Example:
     return len(self.input_ids)
 
 
+_BOMS = ((b"\xff\xfe\x00\x00", "utf-32-le"), (b"\x00\x00\xfe\xff", "utf-32-be"),
+         (b"\xff\xfe", "utf-16-le"), (b"\xfe\xff", "utf-16-be"), (b"\xef\xbb\xbf", "utf-8"))
+
+
+def read_text(path: str | pathlib.Path) -> str:
+  """A text file's contents: UTF-8, or UTF-8/16/32 with a byte-order mark.
+
+  Raises:
+    DataError: other bytes (e.g. Latin-1), naming the file, line and byte.
+  """
+  data = pathlib.Path(path).read_bytes()
+  encoding, skip = "utf-8", 0
+  for bom, name in _BOMS:
+    if data.startswith(bom):
+      encoding, skip = name, len(bom)
+      break
+  try:
+    return data[skip:].decode(encoding)
+  except UnicodeDecodeError as e:
+    line = data[skip:skip + e.start].count(b"\n") + 1 if encoding == "utf-8" else "?"
+    raise DataError(f"{path}:{line}: not {encoding.upper()} text (byte 0x{data[skip + e.start]:02x}); "
+                    "save the file as UTF-8") from None
+
+
 def read_jsonl(path: str | pathlib.Path) -> list[dict[str, Any]]:
   """The records of a JSONL file, one JSON object per non-blank line.
 
@@ -49,18 +73,17 @@ def read_jsonl(path: str | pathlib.Path) -> list[dict[str, Any]]:
   if not path.is_file():
     raise DataError(f"dataset file {path} does not exist")
   records = []
-  with path.open(encoding="utf-8") as f:
-    for lineno, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg}); expected one JSON object "
-                        "per line, e.g. {\"instruction\": ..., \"output\": ...}") from None
-      if not isinstance(record, dict):
-        raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
-      records.append(record)
+  for lineno, line in enumerate(read_text(path).split("\n"), 1):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg}); expected one JSON object "
+                      "per line, e.g. {\"instruction\": ..., \"output\": ...}") from None
+    if not isinstance(record, dict):
+      raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+    records.append(record)
   if not records:
     raise DataError(f"dataset {path} is empty: it has no JSON records")
   return records
@@ -227,8 +250,7 @@ def load_dataset(path: str | pathlib.Path, tokenizer: Any, *, fmt: str = "auto",
 
 
 def _record_lines(path: str | pathlib.Path) -> list[int]:
-  with open(path, encoding="utf-8") as f:
-    return [i for i, line in enumerate(f, 1) if line.strip()]
+  return [i for i, line in enumerate(read_text(path).split("\n"), 1) if line.strip()]
 
 
 def _rows_to_batch(rows: Sequence[Sequence[Example]], seq_len: int, pad_id: int) -> dict[str, np.ndarray]:

@@ -27,6 +27,16 @@ to the restored step (rows a stopped or killed run logged after its last
 checkpoint would otherwise appear twice), and its last row, written when the
 adapter is saved, has ``adapter_dir``. Running a complete run again (its final
 checkpoint and that row present) prints that it is complete and changes nothing.
+Each checkpoint records the settings that shape the run (``fingerprint``); a
+resume whose settings differ stops with a ``ConfigError`` naming them, unless
+``resume_changed_settings: true``. A non-finite update is skipped (``make_tx``)
+and counted in each metrics row's ``skipped_steps``; ``max_nonfinite_steps`` of
+them in a row stop the run.
+
+``finetune: full`` (a float base only) adds no adapters: every float weight
+(embeddings, norms, linears, head) trains and is checkpointed, and the run
+writes the whole model, float32 in transformers format, to ``output_dir/model``
+(its final metrics row has ``model_dir`` instead of ``adapter_dir``).
 """
 
 from __future__ import annotations
@@ -35,6 +45,7 @@ import dataclasses
 import functools
 import io
 import json
+import logging
 import math
 import os
 import pathlib
@@ -51,22 +62,29 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from jqlora import parallel
-from jqlora.io import load_model, load_tokenizer, save_adapter
-from jqlora.nn import LoraConfig, apply_lora, merge_lora, trainable_params
+from jqlora.generate import stop_token_ids
+from jqlora.io import load_model, load_tokenizer, save_adapter, save_merged
+from jqlora.nn import Frozen, LoraConfig, NF4Weight, apply_lora, merge_lora, trainable_params
 from jqlora.parallel import distributed
 from jqlora.training.checkpoint import Checkpointer
-from jqlora.training.config import ConfigError, TrainConfig
+from jqlora.training.config import ConfigError, TrainConfig, blame
 from jqlora.training.data import BatchIterator, Dataset, load_dataset
 from jqlora.training.evaluate import eval_loss, exact_match
+from jqlora.training.fingerprint import changed_settings, settings
 from jqlora.training.interrupt import Signalled, StopSignals
-from jqlora.training.optim import make_optimizer, make_schedule, make_tx
+from jqlora.training.metrics_writers import MetricsLog, TensorBoardWriter
+from jqlora.training.optim import make_optimizer, make_schedule, make_tx, nonfinite_counts
+from jqlora.training.plot import plot_run
 from jqlora.training.step import train_step
 
 __all__ = ["TrainingError", "TrainingInterrupted", "train"]
 
+_log = logging.getLogger(__name__)
+
 
 class TrainingError(RuntimeError):
-  """Training cannot go on (a non-finite loss); the last good checkpoint is kept."""
+  """Training cannot go on (``max_nonfinite_steps`` non-finite updates in a row); the last good
+  checkpoint is kept."""
 
 
 class TrainingInterrupted(TrainingError):
@@ -111,6 +129,7 @@ class _Run:
   total_steps: int
   pad_id: int
   mesh: jax.sharding.Mesh | None
+  settings: dict[str, Any]  # what the checkpoints record (``fingerprint.settings``)
   model: nnx.Module | None = None
   optimizer: nnx.Optimizer | None = None
   schedule: Any = None
@@ -160,7 +179,8 @@ def _shard(model_or_optimizer: Any, mesh: jax.sharding.Mesh | None) -> None:
 
 def _prepare(config: TrainConfig, mesh: jax.sharding.Mesh | None = None) -> _Run:
   """The tokenizer, datasets, batches and step count: all a complete run needs to know."""
-  tokenizer = load_tokenizer(config.base_model)
+  with blame("base_model"):
+    tokenizer = load_tokenizer(config.base_model)
   pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
   train_set, eval_set = _datasets(config, tokenizer)
   batches = BatchIterator(train_set.examples, micro_batch_size=config.micro_batch_size,
@@ -168,26 +188,56 @@ def _prepare(config: TrainConfig, mesh: jax.sharding.Mesh | None = None) -> _Run
                           sequence_len=config.sequence_len, packing=config.sample_packing,
                           seed=config.seed, pad_id=pad_id)
   total = config.max_steps or max(1, math.ceil(config.num_epochs * batches.steps_per_epoch()))
-  return _Run(config, tokenizer, train_set, eval_set, batches, total, pad_id, mesh)
+  _check_end_of_turn(tokenizer, train_set, pad_id, config.sequence_len)
+  return _Run(config, tokenizer, train_set, eval_set, batches, total, pad_id, mesh,
+              settings(config))
+
+
+def _check_end_of_turn(tokenizer: Any, train_set: Dataset, pad_id: int, sequence_len: int) -> None:
+  """Warns when pad == EOS (said, and shown harmless here) or when examples train no stop token.
+
+  Padding is masked by position, never by id, so an EOS that is also the pad
+  token stays a target; examples whose labels hold no stop token (EOS or an
+  end of turn, ``stop_token_ids``) teach the model never to stop.
+  """
+  stops = np.asarray(stop_token_ids(tokenizer), np.int32)
+  whole = [e for e in train_set.examples if len(e) < sequence_len] \
+      if train_set.n_truncated else train_set.examples  # a cut example has lost its end
+  trained = sum(bool(np.isin(e.labels, stops).any()) for e in whole)
+  if pad_id == tokenizer.eos_token_id:
+    _log.warning(f"the tokenizer's pad token is its EOS token {tokenizer.eos_token!r} (id {pad_id}); "
+                 f"jqlora masks padding by position, so the end of turn stays a target ({trained} of "
+                 f"{len(whole)} examples train it)")
+  if trained < len(whole):
+    _log.warning(f"{train_set.path}: {len(whole) - trained} of {len(whole)} examples train no "
+                 f"stop token (ids {stops.tolist()}): the model may not learn to stop")
 
 
 def _build(run: _Run) -> None:
-  """Loads the model, adds the adapters and makes the optimizer (sharded over ``run.mesh``)."""
+  """Loads the model, adds the adapters (or, with ``finetune: full``, none: every float weight
+  trains) and makes the optimizer (sharded over ``run.mesh``)."""
   config = run.config
   model = load_model(config.base_model, quantize=config.load_in_4bit,
-                     dtype=jnp.dtype(config.dtype))
-  lora = LoraConfig(r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
-                    target_modules=config.lora_target_modules, use_rslora=config.use_rslora,
-                    use_dora=config.use_dora)
-  apply_lora(model, lora, rngs=nnx.Rngs(config.seed))
+                     dtype=jnp.dtype(config.dtype), mesh=run.mesh)  # straight into shards
+  full = config.finetune == "full"
+  if full and nnx.state(model, NF4Weight):  # e.g. a bnb-4bit folder, NF4 whatever load_in_4bit says
+    raise ConfigError(f"finetune: full needs a float base: base_model {config.base_model} holds "
+                      "NF4 weights; use a float checkpoint (and load_in_4bit: false)")
+  if not full:
+    lora = LoraConfig(r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
+                      target_modules=config.lora_target_modules, use_rslora=config.use_rslora,
+                      use_dora=config.use_dora)
+    apply_lora(model, lora, rngs=nnx.Rngs(config.seed))
+  model.rngs = nnx.Rngs(dropout=config.seed)  # the stacked layers' dropout keys
   model.remat = config.gradient_checkpointing
   model.loss_chunk_size = config.loss_chunk_size
   _shard(model, run.mesh)
   schedule = make_schedule(config.lr_scheduler, config.learning_rate, run.total_steps,
                            config.warmup_steps)
   tx = make_tx(schedule, weight_decay=config.weight_decay, b1=config.adam_beta1,
-               b2=config.adam_beta2, eps=config.adam_epsilon, max_grad_norm=config.max_grad_norm)
-  optimizer = make_optimizer(model, tx)
+               b2=config.adam_beta2, eps=config.adam_epsilon, max_grad_norm=config.max_grad_norm,
+               max_nonfinite_steps=config.max_nonfinite_steps)
+  optimizer = make_optimizer(model, tx, wrt=Frozen) if full else make_optimizer(model, tx)
   _shard(optimizer, run.mesh)
   run.model, run.optimizer, run.schedule = model, optimizer, schedule
 
@@ -205,25 +255,31 @@ def _read_rows(path: pathlib.Path) -> list[dict[str, Any]]:
   return rows
 
 
+#: What a run writes at its end, by ``finetune``: the metrics key, the folder and its files.
+_RESULTS = {"lora": ("adapter_dir", "adapter", ("adapter_config.json", "adapter_model.safetensors")),
+            "full": ("model_dir", "model", ("config.json", "model.safetensors"))}
+
+
 def _is_final(row: dict[str, Any], step: int) -> bool:
-  """The last row of a run that ended at ``step`` (written with its adapter)."""
-  return "adapter_dir" in row and row.get("step") == step
+  """The last row of a run that ended at ``step`` (written with its adapter or model)."""
+  return ("adapter_dir" in row or "model_dir" in row) and row.get("step") == step
 
 
-def _adapter_saved(adapter_dir: pathlib.Path) -> bool:
-  return (adapter_dir / "adapter_config.json").is_file() and \
-      (adapter_dir / "adapter_model.safetensors").is_file()
+def _adapter_saved(adapter_dir: pathlib.Path, finetune: str = "lora") -> bool:
+  return all((adapter_dir / name).is_file() for name in _RESULTS[finetune][2])
 
 
-def _complete(rows: list[dict[str, Any]], step: int, adapter_dir: pathlib.Path) -> bool:
+def _complete(rows: list[dict[str, Any]], step: int, adapter_dir: pathlib.Path,
+              finetune: str = "lora") -> bool:
   """Whether the run at checkpoint ``step`` has been finished: final row and adapter written."""
-  done = any(_is_final(r, step) for r in rows) and _adapter_saved(adapter_dir)
+  done = any(_is_final(r, step) for r in rows) and _adapter_saved(adapter_dir, finetune)
   if jax.process_count() > 1:  # the lead's view decides, so that every process does the same
     done = bool(multihost_utils.broadcast_one_to_all(np.int32(done)))
   return done
 
 
-def _summary_of(rows: list[dict[str, Any]], step: int, adapter_dir: pathlib.Path) -> dict[str, Any]:
+def _summary_of(rows: list[dict[str, Any]], step: int, adapter_dir: pathlib.Path,
+                finetune: str = "lora") -> dict[str, Any]:
   """The summary ``train`` returned when it completed the run, from its metrics rows."""
   summary: dict[str, Any] = {"step": step}
   losses = [r["loss"] for r in rows if "loss" in r and r.get("step", 0) <= step]
@@ -234,7 +290,7 @@ def _summary_of(rows: list[dict[str, Any]], step: int, adapter_dir: pathlib.Path
     summary["accuracy_before"] = before[-1]
   final = [r for r in rows if _is_final(r, step)][-1]
   summary.update({k: final[k] for k in ("eval_loss", "eval_perplexity") if k in final})
-  summary["adapter_dir"] = str(adapter_dir)
+  summary[_RESULTS[finetune][0]] = str(adapter_dir)
   if "exact_match" in final:
     summary["accuracy_after"] = final["exact_match"]
   return summary
@@ -262,11 +318,19 @@ def _cut_metrics(path: pathlib.Path, step: int, redo_final: bool) -> None:
   os.replace(tmp, path)  # whole: a kill leaves the old file or the new one
 
 
-def _save_adapter(model: nnx.Module, adapter_dir: pathlib.Path, base_model: str) -> None:
-  """``save_adapter`` into a temporary folder renamed when complete: never a torn adapter."""
+def _save_adapter(model: nnx.Module, adapter_dir: pathlib.Path, base_model: str,
+                  tokenizer: Any | None = None) -> None:
+  """``save_adapter`` into a temporary folder renamed when complete: never a torn adapter.
+
+  With a ``tokenizer`` (``finetune: full``) the whole model is written instead
+  (``save_merged``: a float32 transformers folder with the tokenizer).
+  """
   tmp = adapter_dir.with_name(adapter_dir.name + ".tmp")
   shutil.rmtree(tmp, ignore_errors=True)
-  save_adapter(model, tmp, base_model_name_or_path=base_model)
+  if tokenizer is not None:
+    save_merged(model, tmp, tokenizer)
+  else:
+    save_adapter(model, tmp, base_model_name_or_path=base_model)
   if adapter_dir.exists():
     shutil.rmtree(adapter_dir)
   tmp.rename(adapter_dir)
@@ -276,10 +340,14 @@ def _banner(run: _Run, out: TextIO) -> None:
 
   c = run.config
   trainable, total, percent = trainable_params(run.model, verbose=False)
+  if c.finetune == "full":  # what trains is the optimizer's, not the adapters
+    trainable = sum(x.size for x in jax.tree.leaves(nnx.state(run.model, run.optimizer.wrt)))
+    percent = 100 * trainable / total
   held = f", {len(run.eval_set.records)} held out" if run.eval_set else ""
+  how = ("full fine-tuning" if c.finetune == "full"
+         else f"LoRA r={c.lora_r} alpha={c.lora_alpha:g} on {c.lora_target_modules}")
   print(f"jqlora train: {c.base_model} ({'NF4' if c.load_in_4bit else 'full-precision'} base, "
-        f"{c.dtype} compute), LoRA r={c.lora_r} alpha={c.lora_alpha:g} on {c.lora_target_modules}",
-        file=out)
+        f"{c.dtype} compute), {how}", file=out)
   print(f"  trainable parameters: {trainable:,} of {total:,} ({percent:.3f}%)",
         file=out)
   print(f"  data: {len(run.train_set.records)} training examples ({run.train_set.fmt}){held}; "
@@ -344,8 +412,13 @@ def train(config: TrainConfig, *, stop_at_step: int | None = None,
   Raises:
     TrainingInterrupted: SIGINT or SIGTERM (see the module docstring); a checkpoint
       at the step it stopped at is in ``output_dir``.
-    TrainingError: a non-finite loss; the last good checkpoint stays in ``output_dir``.
-    ConfigError: a mesh or ``distributed.*`` setting that cannot work here.
+    TrainingError: ``max_nonfinite_steps`` non-finite updates in a row (each one is
+      skipped, and counted in the metrics' ``skipped_steps``); the last good checkpoint
+      stays in ``output_dir``.
+    ConfigError: a mesh or ``distributed.*`` setting that cannot work here; an
+      ``output_dir``, base model or LoRA targets that cannot be used; a checkpoint
+      to resume that was trained with other settings (named) while
+      ``resume_changed_settings`` is false. Nothing in ``output_dir`` is changed.
   """
   progress = _Progress()
   with StopSignals() as signals:
@@ -361,26 +434,29 @@ def _train(config: TrainConfig, stop_at_step: int | None, out: TextIO | None, si
   lead = jax.process_index() == 0
   out = (out or sys.stdout) if lead else io.StringIO()
   mesh = _mesh(config)
-  output = pathlib.Path(config.output_dir)
-  output.mkdir(parents=True, exist_ok=True)
-  adapter_dir = output / "adapter"
+  output = _output_dir(config.output_dir)
+  adapter_dir = output / _RESULTS[config.finetune][1]
   metrics_path = output / "metrics.jsonl"
   ckpt = Checkpointer(output / "checkpoints", config.save_total_limit)
   try:
     latest = ckpt.latest_step() if config.resume_from_checkpoint else None
+    if latest is not None:
+      _check_settings(config, ckpt, latest)
     progress.step = progress.saved = latest or 0
     run = _prepare(config, mesh)
     progress.total = run.total_steps
     if latest is not None and latest >= run.total_steps:
       rows = _read_rows(metrics_path)
-      if _complete(rows, latest, adapter_dir):
-        summary = _summary_of(rows, latest, adapter_dir)
+      if _complete(rows, latest, adapter_dir, config.finetune):
+        summary = _summary_of(rows, latest, adapter_dir, config.finetune)
         print(f"{output}: the run is already complete (step {latest} of {run.total_steps}, adapter "
               f"in {adapter_dir}); nothing to do. To train again, use another output_dir or delete "
               "this one", file=out)
         print(_recorded(summary), file=out, flush=True)
         return summary
-    _build(run)
+    with blame(f"base_model {config.base_model} with lora_target_modules "
+               f"{config.lora_target_modules!r}"):  # a bad checkpoint, targets that match nothing
+      _build(run)
     step = 0
     if latest is not None:
       meta = ckpt.restore(latest, run.model, run.optimizer)
@@ -391,14 +467,67 @@ def _train(config: TrainConfig, stop_at_step: int | None, out: TextIO | None, si
     _banner(run, out)
     if latest is not None:
       print(f"resumed from {ckpt.directory / str(latest)} (step {latest})", file=out, flush=True)
-    with (metrics_path.open("a" if step else "w") if lead else io.StringIO()) as metrics_file:
-      return _steps(run, ckpt, step, stop_at_step, out, metrics_file, signals, progress)
+    with _metrics_log(config, metrics_path, append=step > 0, lead=lead) as metrics_log:
+      summary = _steps(run, ckpt, step, stop_at_step, out, metrics_log, signals, progress)
+    if lead:
+      _plot(output, out)
+    return summary
   finally:
     ckpt.close()
 
 
+def _metrics_log(config: TrainConfig, metrics_path: pathlib.Path, *, append: bool,
+                 lead: bool) -> MetricsLog:
+  """``metrics.jsonl`` (appended to on resume) and, with ``logging: [.., tensorboard]``, an event file."""
+  if not lead:
+    return MetricsLog(io.StringIO())
+  tensorboard = (TensorBoardWriter(metrics_path.parent / "tensorboard")
+                 if "tensorboard" in config.logging else None)
+  return MetricsLog(metrics_path.open("a" if append else "w"), tensorboard)
+
+
+def _plot(output: pathlib.Path, out: TextIO) -> None:
+  """``output/loss.png`` from ``metrics.jsonl``; without matplotlib, one warning line instead."""
+  try:
+    path = plot_run(output)
+  except ImportError:
+    _log.warning("loss.png skipped: matplotlib is not installed (pip install matplotlib)")
+  except ConfigError as e:
+    _log.warning(f"loss.png skipped: {e}")
+  else:
+    print(f"loss curve saved to {path}", file=out, flush=True)
+
+
+def _output_dir(path: str) -> pathlib.Path:
+  """``path`` as a folder, created if missing; ConfigError naming ``output_dir`` if it cannot be."""
+  output = pathlib.Path(path)
+  for p in (output, *output.parents):
+    if p.exists() and not p.is_dir():
+      raise ConfigError(f"output_dir {output}: {p} is a file; expected a folder (or a path to create)")
+  try:
+    output.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise ConfigError(f"output_dir {output}: cannot create it ({e.strerror or e})") from None
+  if not os.access(output, os.W_OK | os.X_OK):
+    raise ConfigError(f"output_dir {output}: not writable")
+  return output
+
+
+def _check_settings(config: TrainConfig, ckpt: Checkpointer, step: int) -> None:
+  """Raises ConfigError when checkpoint ``step`` was trained with other settings (unless allowed)."""
+  recorded = ckpt.meta(step).get("settings")
+  if recorded is None or config.resume_changed_settings:  # a checkpoint from before fingerprints
+    return
+  changed = changed_settings(recorded, config)
+  if changed:
+    raise ConfigError(
+        f"{config.output_dir}: the checkpoint at step {step} was trained with other settings: "
+        f"{', '.join(changed)}; use another output_dir, put the settings back, or set "
+        "resume_changed_settings: true to resume anyway")
+
+
 def _steps(run: _Run, ckpt: Checkpointer, step: int, stop_at_step: int | None, out: TextIO,
-           metrics_file: TextIO, signals: StopSignals, progress: _Progress) -> dict[str, Any]:
+           metrics_log: MetricsLog, signals: StopSignals, progress: _Progress) -> dict[str, Any]:
   """The steps from ``step`` on, then the final evaluation and the adapter."""
   from tqdm.auto import tqdm
 
@@ -408,8 +537,7 @@ def _steps(run: _Run, ckpt: Checkpointer, step: int, stop_at_step: int | None, o
   exact = run.eval_set is not None and config.eval_exact_match
   if exact and step == 0:
     summary["accuracy_before"] = _accuracy(run, "before training", out)
-    metrics_file.write(json.dumps({"step": 0, "exact_match": summary["accuracy_before"]}) + "\n")
-    metrics_file.flush()
+    metrics_log.write({"step": 0, "exact_match": summary["accuracy_before"]})
   end = min(run.total_steps, stop_at_step or run.total_steps)
   bar = tqdm(total=run.total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
              disable=not lead)
@@ -424,37 +552,38 @@ def _steps(run: _Run, ckpt: Checkpointer, step: int, stop_at_step: int | None, o
       metrics = train_step(run.model, run.optimizer, placed)
       loss = float(metrics["loss"])
       seconds = time.perf_counter() - t
-      if not np.isfinite(loss):
+      in_a_row, skipped = nonfinite_counts(run.optimizer)
+      if in_a_row >= config.max_nonfinite_steps:  # optax would apply the next one
         kept = (f"the last good checkpoint (step {last_saved}) is kept in {ckpt.directory}"
                 if last_saved is not None else "no checkpoint was saved yet")
         raise TrainingError(
-            f"the loss is {loss} at step {step + 1}: stopping ({kept}). Lower learning_rate, "
-            "set max_grad_norm, or use dtype: float32")
+            f"the loss is {loss} at step {step + 1}: {in_a_row} non-finite updates in a row, "
+            f"skipped (max_nonfinite_steps = {config.max_nonfinite_steps}): stopping ({kept}). Lower "
+            "learning_rate, set max_grad_norm, or use dtype: float32")
       step += 1
-      lr = float(run.schedule(step - 1))
+      lr = float(run.schedule(step - 1 - skipped))  # a skipped update leaves the schedule's count
       tokens_per_s = int((batch["segment_ids"] > 0).sum()) / seconds
       bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}",
                       refresh=False)
       bar.update(1)
       row = {"step": step, "loss": loss, "learning_rate": lr,
-             "grad_norm": float(metrics["grad_norm"]), "tokens_per_second": tokens_per_s}
+             "grad_norm": float(metrics["grad_norm"]), "tokens_per_second": tokens_per_s,
+             "skipped_steps": skipped}
       if step % config.logging_steps == 0 or step == end:
-        metrics_file.write(json.dumps(row) + "\n")
-        metrics_file.flush()
+        metrics_log.write(row)
       summary.update(step=step, loss=loss)
       stop = signals.requested()
       if (config.eval_steps and step % config.eval_steps == 0 and run.eval_set
           and step < run.total_steps and not stop):
         e_loss, ppl = _eval_loss(run)
         bar.write(f"step {step}: eval loss {e_loss:.4f}, perplexity {ppl:.2f}")
-        metrics_file.write(json.dumps({"step": step, "eval_loss": e_loss,
-                                       "eval_perplexity": ppl}) + "\n")
-        metrics_file.flush()
+        metrics_log.write({"step": step, "eval_loss": e_loss, "eval_perplexity": ppl})
       if (config.save_steps and step % config.save_steps == 0) or step == end or stop:
         if stop:
           print(f"{signal.Signals(stop).name} received: saving a checkpoint at step {step} "
                 "(a second signal ends the process at once)", file=out, flush=True)
-        ckpt.save(step, run.model, run.optimizer, {"data": run.batches.state()})
+        ckpt.save(step, run.model, run.optimizer, {"data": run.batches.state(),
+                                                   "settings": run.settings})
         last_saved = progress.saved = step
       progress.step = step
       if stop:
@@ -471,15 +600,18 @@ def _steps(run: _Run, ckpt: Checkpointer, step: int, stop_at_step: int | None, o
     print(f"held-out loss {e_loss:.4f}, perplexity {ppl:.2f}", file=out)
     summary.update(eval_loss=e_loss, eval_perplexity=ppl)
     final.update(eval_loss=e_loss, eval_perplexity=ppl)
-  adapter_dir = pathlib.Path(config.output_dir) / "adapter"
+  key, folder, _ = _RESULTS[config.finetune]
+  adapter_dir = pathlib.Path(config.output_dir) / folder
   if run.mesh is not None:  # every process takes part; then any process can read the adapters
-    nnx.update(run.model, parallel.replicate(nnx.state(run.model, nnx.LoRAParam), run.mesh))
+    nnx.update(run.model, parallel.replicate(nnx.state(run.model, run.optimizer.wrt), run.mesh))
+  full = config.finetune == "full"
   if lead:
-    _save_adapter(run.model, adapter_dir, config.base_model)
-  print(f"adapter (PEFT format) saved to {adapter_dir}", file=out, flush=True)
-  summary["adapter_dir"] = str(adapter_dir)
+    _save_adapter(run.model, adapter_dir, config.base_model, run.tokenizer if full else None)
+  what = "model (transformers format, float32)" if full else "adapter (PEFT format)"
+  print(f"{what} saved to {adapter_dir}", file=out, flush=True)
+  summary[key] = str(adapter_dir)
   if exact:
     summary["accuracy_after"] = final["exact_match"] = _accuracy(run, "after training", out)
-  final["adapter_dir"] = str(adapter_dir)  # marks the run complete (with the final checkpoint)
-  metrics_file.write(json.dumps(final) + "\n")
+  final[key] = str(adapter_dir)  # marks the run complete (with the final checkpoint)
+  metrics_log.write(final)
   return summary

@@ -7,7 +7,7 @@ from typing import Literal
 import optax
 from flax import nnx
 
-__all__ = ["make_optimizer", "make_schedule", "make_tx"]
+__all__ = ["make_optimizer", "make_schedule", "make_tx", "nonfinite_counts"]
 
 
 def make_schedule(kind: Literal["constant", "linear", "cosine"], learning_rate: float,
@@ -40,13 +40,30 @@ def make_schedule(kind: Literal["constant", "linear", "cosine"], learning_rate: 
 
 
 def make_tx(schedule: optax.Schedule, *, weight_decay: float = 0.0, b1: float = 0.9,
-            b2: float = 0.999, eps: float = 1e-8,
-            max_grad_norm: float | None = 1.0) -> optax.GradientTransformation:
-  """AdamW with optional global-norm clipping (applied before the moments)."""
-  adamw = optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
-  if max_grad_norm is None:
-    return adamw
-  return optax.chain(optax.clip_by_global_norm(max_grad_norm), adamw)
+            b2: float = 0.999, eps: float = 1e-8, max_grad_norm: float | None = 1.0,
+            max_nonfinite_steps: int = 10) -> optax.GradientTransformation:
+  """AdamW with optional global-norm clipping (applied before the moments), skipping
+  non-finite updates.
+
+  The whole chain is wrapped in ``optax.apply_if_finite``: an update with a NaN or
+  infinite gradient leaves the adapters, the moments and the schedule's count as
+  they were, and is counted (``nonfinite_counts``). After ``max_nonfinite_steps``
+  consecutive ones optax gives up and applies the next; ``jqlora train`` stops
+  before that.
+  """
+  tx = optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+  if max_grad_norm is not None:
+    tx = optax.chain(optax.clip_by_global_norm(max_grad_norm), tx)
+  return optax.apply_if_finite(tx, max_nonfinite_steps)
+
+
+def nonfinite_counts(optimizer: nnx.Optimizer) -> tuple[int, int]:
+  """``(consecutive, total)`` non-finite updates skipped by a ``make_tx`` optimizer."""
+  state = optimizer.opt_state
+  if not isinstance(state, optax.ApplyIfFiniteState):
+    raise TypeError(f"the optimizer's transformation is not optax.apply_if_finite (state "
+                    f"{type(state).__name__}); build it with make_tx")
+  return int(state.notfinite_count[...]), int(state.total_notfinite[...])
 
 
 def make_optimizer(model: nnx.Module, tx: optax.GradientTransformation,

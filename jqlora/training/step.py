@@ -174,23 +174,21 @@ def _grad_sums(graphdef: nnx.GraphDef, params: Any, rng: Any, rest: Any,
 
 def _update(graphdef: nnx.GraphDef, opt_graphdef: nnx.GraphDef, params: Any, rng: Any,
             rest: Any, opt_state: Any, batch: dict[str, jax.Array], axis_name: str | None = None):
-  """The whole step: gradients (``_grad_sums``), normalisation, optimizer update, finite guard."""
+  """The whole step: gradients (``_grad_sums``), normalisation, optimizer update.
+
+  A non-finite update is the optimizer's business: ``make_tx`` wraps it in
+  ``optax.apply_if_finite``, which leaves the adapters and moments as they were.
+  """
   grads, total, count, new_rng = _grad_sums(graphdef, params, rng, rest, batch, axis_name)
   denom = jnp.maximum(count, 1).astype(jnp.float32)
   grads = jax.tree.map(lambda g: g / denom, grads)
   loss = total / denom
   grad_norm = optax.tree.norm(grads)
-  # the update mutates copies: params and opt_state stay for the non-finite fallback
-  model = nnx.merge(graphdef, _copy(params), new_rng, rest)
-  optimizer = nnx.merge(opt_graphdef, _copy(opt_state))
+  model = nnx.merge(graphdef, params, new_rng, rest)
+  optimizer = nnx.merge(opt_graphdef, opt_state)
   optimizer.update(model, grads)
-  # A non-finite loss or gradient leaves adapters and moments untouched.
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-  new_params = keep(nnx.state(model, optimizer.wrt), params)
-  new_opt_state = keep(nnx.state(optimizer), opt_state)
   metrics = {"loss": loss, "grad_norm": grad_norm, "n_tokens": count}
-  return new_params, nnx.state(model, nnx.RngState), new_opt_state, metrics
+  return nnx.state(model, optimizer.wrt), nnx.state(model, nnx.RngState), nnx.state(optimizer), metrics
 
 
 _step = jax.jit(_update, static_argnums=(0, 1), donate_argnums=(2, 3, 5))
@@ -217,8 +215,9 @@ def train_step(model: nnx.Module, optimizer: nnx.Optimizer, batch: Batch) -> dic
   The loss is the mean over all target tokens of all micro-batches (not the
   mean of per-micro-batch means), so accumulating ``A`` micro-batches gives
   the gradient of the ``A``-times larger batch. Gradients are taken only with
-  respect to ``optimizer.wrt`` (the adapters). A step whose loss or gradient is
-  not finite changes nothing (the caller decides to stop). Activation
+  respect to ``optimizer.wrt`` (the adapters). With a ``make_tx`` optimizer
+  (``optax.apply_if_finite``) a step whose gradient is not finite changes no
+  adapter or moment and is counted (``nonfinite_counts``). Activation
   checkpointing is the model's business (``model.remat = True`` on jqlora
   models recomputes each layer in the backward pass), and so is the loss's
   chunking (``model.loss_chunk_size`` tokens of LM head and cross-entropy at a

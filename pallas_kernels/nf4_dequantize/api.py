@@ -37,7 +37,7 @@ def check_tensor(t: NF4Tensor, what: str) -> None:
 
 def dequantize(t: NF4Tensor, dtype=None, *, interpret: bool = False,
                implementation: str = "triton") -> jax.Array:
-  """Decodes an ``NF4Tensor`` with a Pallas GPU kernel.
+  """Decodes an ``NF4Tensor`` (any of its code tables: NF4, FP4, Int4) with a Pallas GPU kernel.
 
   Args:
     t: the quantized tensor (any shape; vmap over stacked leaves).
@@ -59,10 +59,12 @@ def dequantize(t: NF4Tensor, dtype=None, *, interpret: bool = False,
     if interpret:
       raise NotImplementedError("dequantize: the mosaic_gpu kernel cannot be interpreted; "
                                 "use implementation='triton' with interpret=True")
-    blocks = mosaic_gpu.dequantize_blocks(packed, dequantize_absmax(t), dtype)
+    blocks = mosaic_gpu.dequantize_blocks(packed, dequantize_absmax(t), dtype,
+                                          code=common.code_table(t))
   else:
     scales = common.scale_operands(t, t.absmax.reshape(-1))
-    blocks = triton.dequantize_blocks(packed, scales, dtype, interpret=interpret)
+    blocks = triton.dequantize_blocks(packed, scales, dtype, interpret=interpret,
+                                      code=common.code_table(t))
   values = blocks.reshape(-1)
   if values.size != t.size:
     values = values[:t.size]

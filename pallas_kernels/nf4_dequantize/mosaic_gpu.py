@@ -1,7 +1,6 @@
 """NF4 dequantize as a Mosaic GPU kernel (``plgpu.kernel``), the backend JAX is heading to.
 
-Mosaic GPU has no ref gather, so two things differ from the Triton kernel:
-the 16 NF4 values are a 4-level select tree on the code bits, and the block
+Mosaic GPU has no ref gather, so one thing differs from the Triton kernel: the block
 scales (double quantization included) are decoded by ``jqlora.format.dequantize_absmax``
 in XLA first (float32 ``[n_blocks]``: 1/16 byte per weight on top of the 1/2
 byte of codes). Values stay bit-exact: one float32 product per element, rounded
@@ -25,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from jqlora.format import NF4_CODE
+from pallas_kernels import common
 
 __all__ = ["TILE_BLOCKS", "MAX_STEPS", "PIPELINE_DEPTH", "decode_tile", "words_to_values",
            "dequantize_blocks"]
@@ -45,25 +44,19 @@ MAX_STEPS = 8
 PIPELINE_DEPTH = 2
 
 
-def _nf4_values(codes: jax.Array) -> jax.Array:
-  """float32 NF4 values of int codes ``0..15`` as a select tree on the code bits."""
-  level = [jnp.float32(v) for v in NF4_CODE]
-  for bit in range(4):
-    set_ = ((codes >> bit) & 1) == 1
-    level = [jnp.where(set_, level[2 * i + 1], level[2 * i]) for i in range(len(level) // 2)]
-  return level[0]
-
-
-def decode_tile(packed: jax.Array, scales: jax.Array, dtype) -> tuple[jax.Array, ...]:
+def decode_tile(packed: jax.Array, scales: jax.Array, dtype,
+                code: common.Code = common.NF4) -> tuple[jax.Array, ...]:
   """Dequantizes a tile: uint8 ``[T, H]`` codes and float32 ``[T, H]`` (broadcast) scales.
+
+  ``code`` is the static 16-entry table (NF4 by default), decoded by ``common.select_code``.
 
   Returns:
     For 16-bit ``dtype``: ``(uint32[T, H],)`` words, value ``2i`` in the low half.
     For float32: ``(even, odd)``, each ``float32[T, H]``.
   """
   codes = packed.astype(jnp.uint32)
-  even = (_nf4_values(codes >> 4) * scales).astype(dtype)
-  odd = (_nf4_values(codes & 0xF) * scales).astype(dtype)
+  even = (common.select_code(codes >> 4, code) * scales).astype(dtype)
+  odd = (common.select_code(codes & 0xF, code) * scales).astype(dtype)
   if jnp.dtype(dtype).itemsize == 4:
     return even, odd
   bits = lambda v: jax.lax.bitcast_convert_type(v, jnp.uint16).astype(jnp.uint32)
@@ -78,8 +71,9 @@ def words_to_values(outs: tuple[jax.Array, ...], dtype) -> jax.Array:
   return pairs.reshape(outs[0].shape[0], -1)
 
 
-def dequantize_blocks(packed: jax.Array, scales: jax.Array, dtype) -> jax.Array:
-  """Dequantizes ``n_blocks`` NF4 blocks on a GPU with Mosaic.
+def dequantize_blocks(packed: jax.Array, scales: jax.Array, dtype,
+                      code: common.Code = common.NF4) -> jax.Array:
+  """Dequantizes ``n_blocks`` 4-bit blocks on a GPU with Mosaic (``code``: NF4 by default).
 
   Args:
     packed: uint8 ``[n_blocks, H]`` codes (``H = B/2``, a multiple of 8).
@@ -105,7 +99,7 @@ def dequantize_blocks(packed: jax.Array, scales: jax.Array, dtype) -> jax.Array:
     codes = _load(packed_ref, row)
     block_scales = _load(scales_ref, row.reduce(1))
     block_scales = jax.lax.broadcast_in_dim(block_scales, (tile, half), (0,))
-    for ref, value in zip(out_refs, decode_tile(codes, block_scales, dtype)):
+    for ref, value in zip(out_refs, decode_tile(codes, block_scales, dtype, code)):
       ref[...] = value
 
   def body(packed_gmem, scales_gmem, *out_gmem):

@@ -2,15 +2,20 @@
 
 ``W`` is read in its stored layout, packed ``uint8[out, in/2]`` plus one scale per
 ``B`` inputs, and decoded in registers; the dequantized weight never reaches
-memory. A nibble pair holds inputs ``2i`` (high) and ``2i + 1`` (low), so the
-activations are split into even and odd columns once, outside the kernel, and
-each K step contracts both halves: ``x_even @ W_high.T + x_odd @ W_low.T``.
+memory. A nibble pair holds inputs ``2i`` (high) and ``2i + 1`` (low); the kernel
+decodes both by a select tree on the code bits (the 16-entry code table is a
+static parameter, NF4 by default) and interleaves them in registers, so ``x``
+and ``dx`` are read and written in their own layout, with no slicing outside.
 
 Two contractions per orientation: a SIMT broadcast-multiply-reduce for M <= 3
-(GEMV, memory-bound: two table gathers and one multiply per weight) and
-``jnp.dot`` on tensor cores for larger M (rows padded to 16). Accumulation is
-float32; each weight is rounded to the activation dtype first, exactly as
-``x @ dequantize_nf4(W, x.dtype).T`` sees it.
+(GEMV, memory-bound) and ``jnp.dot`` on tensor cores for larger M (rows padded
+to 16). Accumulation is float32; each weight is rounded to the activation dtype
+first, exactly as ``x @ dequantize_nf4(W, x.dtype).T`` sees it.
+
+Launch geometry: at least ``common.MIN_PROGRAMS`` programs (two per SM of an
+H200) wherever the problem allows, by splitting the contraction (``in`` for the
+forward kernel, ``out`` for the transposed one) into partial float32 sums that
+XLA adds, and by taking fewer rows per program; :func:`geometry` says which.
 """
 
 from __future__ import annotations
@@ -26,14 +31,16 @@ from jax.experimental.pallas import triton as plt
 from jqlora.format import NF4Tensor
 from pallas_kernels import common
 
-__all__ = ["GEMV_MAX_M", "MMA_MAX_M", "MMA_MIN_DIM", "TARGET_PROGRAMS", "TILES", "Tiles", "kind",
-           "forward", "transposed"]
+__all__ = ["GEMV_MAX_M", "MMA_MAX_M", "MMA_MIN_DIM", "MIN_ROWS", "TILES", "Tiles", "Geometry", "kind",
+           "geometry", "forward", "transposed"]
 
 #: Largest M served by the GEMV kernels, and by the tensor-core kernels.
 GEMV_MAX_M = 3
 MMA_MAX_M = 64
 #: Tensor-core tiles need at least this many rows/columns.
 MMA_MIN_DIM = 16
+#: Fewest W rows per program (or per K step of the transposed kernels) when splitting for more programs.
+MIN_ROWS = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,15 +68,39 @@ TILES = {
     ("gemv", True): Tiles(rows=64, blocks=2, m=4, num_warps=4, num_stages=3),
     ("mma", True): Tiles(rows=64, blocks=2, m=64, num_warps=4, num_stages=3),
 }
-#: The transposed kernels split ``out`` across programs until about this many run.
-TARGET_PROGRAMS = 256
 
 
-def _decode(packed_ref, absmax_ref, scale_refs, table_ref, rows, first_row, k, *, nb, kb, dtype):
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+  """One launch: the tiles used, the contraction split and the grid.
+
+  Attributes:
+    kind: ``"gemv"`` or ``"mma"``.
+    tiles: the :class:`Tiles` actually used (``rows``, ``blocks``, ``m`` fitted to the problem).
+    m_pad: activation rows after padding (a power of two for GEMV, a multiple of 16 otherwise).
+    splits: partial sums the contraction is cut into (added by XLA after the kernel).
+    grid: the Pallas grid.
+  """
+  kind: str
+  tiles: Tiles
+  m_pad: int
+  splits: int
+  grid: tuple[int, ...]
+
+  @property
+  def programs(self) -> int:
+    """Programs (CTAs) of the launch."""
+    n = 1
+    for g in self.grid:
+      n *= g
+    return n
+
+
+def _decode(packed_ref, absmax_ref, scale_refs, rows, first_row, k, *, nb, kb, dtype, code):
   """Decodes W rows ``rows`` (from ``first_row``), blocks ``[k*kb, (k+1)*kb)``.
 
   Returns:
-    ``(even, odd)``: ``dtype[n_rows, kb*B/2]`` weights of the even and odd inputs.
+    ``dtype[n_rows, kb*B]``: the weights of those inputs, in input order.
   """
   n = rows.size
   half = packed_ref.shape[1] // nb
@@ -77,8 +108,8 @@ def _decode(packed_ref, absmax_ref, scale_refs, table_ref, rows, first_row, k, *
   block = ((first_row + jax.lax.broadcasted_iota(jnp.int32, (n, kb), 0)) * nb
            + k * kb + jax.lax.broadcasted_iota(jnp.int32, (n, kb), 1))
   scales = common.load_scales(scale_refs, absmax_ref[rows, pl.ds(k * kb, kb)], block)
-  even, odd = common.decode_nibbles(packed.reshape(n, kb, half), scales[:, :, None], table_ref, dtype)
-  return even.reshape(n, kb * half), odd.reshape(n, kb * half)
+  w = common.decode_pairs(packed.reshape(n, kb, half), scales[:, :, None], code, dtype)
+  return w.reshape(n, kb * 2 * half)
 
 
 def _dot(a: jax.Array, w: jax.Array, contract_b: int, gemv: bool) -> jax.Array:
@@ -92,44 +123,40 @@ def _dot(a: jax.Array, w: jax.Array, contract_b: int, gemv: bool) -> jax.Array:
                              preferred_element_type=jnp.float32)
 
 
-def _forward_kernel(x_even_ref, x_odd_ref, packed_ref, absmax_ref, *refs, tiles, nb, kb, gemv):
-  *scale_refs, table_ref, y_ref = refs
-  bm, bn = tiles.m, tiles.rows
-  i, j = pl.program_id(0), pl.program_id(1)
+def _forward_kernel(x_ref, packed_ref, absmax_ref, *refs, g: Geometry, nb, code):
+  *scale_refs, y_ref = refs
+  bm, bn, kb = g.tiles.m, g.tiles.rows, g.tiles.blocks
+  i, s, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   rows, m_rows = pl.ds(i * bn, bn), pl.ds(j * bm, bm)
-  width = x_even_ref.shape[1] // nb * kb
+  width = x_ref.shape[1] // nb * kb
+  steps = nb // kb // g.splits
 
   def step(k, acc):
-    even, odd = _decode(packed_ref, absmax_ref, tuple(scale_refs), table_ref, rows, i * bn, k,
-                        nb=nb, kb=kb, dtype=x_even_ref.dtype)
-    cols = pl.ds(k * width, width)
-    return (acc + _dot(x_even_ref[m_rows, cols], even, 1, gemv)
-            + _dot(x_odd_ref[m_rows, cols], odd, 1, gemv))
+    k = s * steps + k
+    w = _decode(packed_ref, absmax_ref, tuple(scale_refs), rows, i * bn, k,
+                nb=nb, kb=kb, dtype=x_ref.dtype, code=code)
+    return acc + _dot(x_ref[m_rows, pl.ds(k * width, width)], w, 1, g.kind == "gemv")
 
-  acc = jax.lax.fori_loop(0, nb // kb, step, jnp.zeros((bm, bn), jnp.float32))
-  y_ref[m_rows, rows] = acc.astype(y_ref.dtype)
+  y_ref[s, m_rows, rows] = jax.lax.fori_loop(0, steps, step, jnp.zeros((bm, bn), jnp.float32))
 
 
-def _transposed_kernel(dy_ref, packed_ref, absmax_ref, *refs, tiles, nb, kb, rows_per_split, gemv):
-  *scale_refs, table_ref, dx_even_ref, dx_odd_ref = refs
-  bm, bo = tiles.m, tiles.rows
+def _transposed_kernel(dy_ref, packed_ref, absmax_ref, *refs, g: Geometry, nb, code):
+  *scale_refs, dx_ref = refs
+  bm, bo, kb = g.tiles.m, g.tiles.rows, g.tiles.blocks
   c, j, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   m_rows = pl.ds(j * bm, bm)
-  width = dx_even_ref.shape[2] // nb * kb
+  width = dx_ref.shape[2] // nb * kb
+  rows_per_split = packed_ref.shape[0] // g.splits
 
-  def step(r, accs):
+  def step(r, acc):
     first = s * rows_per_split + r * bo
     rows = pl.ds(first, bo)
-    even, odd = _decode(packed_ref, absmax_ref, tuple(scale_refs), table_ref, rows, first, c,
-                        nb=nb, kb=kb, dtype=dy_ref.dtype)
-    g = dy_ref[m_rows, rows]
-    return accs[0] + _dot(g, even, 0, gemv), accs[1] + _dot(g, odd, 0, gemv)
+    w = _decode(packed_ref, absmax_ref, tuple(scale_refs), rows, first, c,
+                nb=nb, kb=kb, dtype=dy_ref.dtype, code=code)
+    return acc + _dot(dy_ref[m_rows, rows], w, 0, g.kind == "gemv")
 
-  zeros = jnp.zeros((bm, width), jnp.float32)
-  acc_even, acc_odd = jax.lax.fori_loop(0, rows_per_split // bo, step, (zeros, zeros))
-  cols = pl.ds(c * width, width)
-  dx_even_ref[s, m_rows, cols] = acc_even
-  dx_odd_ref[s, m_rows, cols] = acc_odd
+  acc = jax.lax.fori_loop(0, rows_per_split // bo, step, jnp.zeros((bm, width), jnp.float32))
+  dx_ref[s, m_rows, pl.ds(c * width, width)] = acc
 
 
 def kind(m: int, t: NF4Tensor) -> str | None:
@@ -141,23 +168,60 @@ def kind(m: int, t: NF4Tensor) -> str | None:
   return None
 
 
-def _launch(kernel, grid, out_shape, tiles: Tiles, interpret: bool):
+def geometry(m: int, t: NF4Tensor, *, transposed: bool = False) -> Geometry:
+  """The launch of the fused kernel for ``m`` activation rows and the ``[out, in]`` weight ``t``.
+
+  Starting from ``TILES``, the contraction is split (``in`` forward, ``out`` transposed)
+  into up to the power of two that brings the grid to ``common.MIN_PROGRAMS``; where
+  that is not enough, a program takes fewer W rows (down to ``MIN_ROWS``), then fewer
+  blocks per K step.
+  """
+  kind_ = kind(m, t)
+  if kind_ is None:
+    raise ValueError(f"no fused kernel for M={m} and weight {t.shape} (see kind())")
+  cap = TILES[(kind_, transposed)]
+  m_pad = common.next_pow2(m) if kind_ == "gemv" else -(-m // MMA_MIN_DIM) * MMA_MIN_DIM
+  bm = m_pad if kind_ == "gemv" else common.pow2_divisor(m_pad, cap.m)
+  out, nb = t.shape[0], t.shape[1] // t.block_size
+  rows, kb = common.pow2_divisor(out, cap.rows), common.pow2_divisor(nb, cap.blocks)
+  while True:
+    base, split_over = ((nb // kb, out // rows) if transposed else (out // rows, nb // kb))
+    base *= m_pad // bm
+    splits = common.pow2_divisor(split_over, common.next_pow2(-(-common.MIN_PROGRAMS // base)))
+    if base * splits >= common.MIN_PROGRAMS or (rows <= MIN_ROWS and kb == 1):
+      break
+    if rows > MIN_ROWS:
+      rows //= 2
+    else:
+      kb //= 2
+  tiles = dataclasses.replace(cap, rows=rows, blocks=kb, m=bm)
+  grid = ((nb // kb, m_pad // bm, splits) if transposed else (out // rows, splits, m_pad // bm))
+  return Geometry(kind_, tiles, m_pad, splits, grid)
+
+
+def _launch(kernel, g: Geometry, out_shape, interpret: bool):
   return pl.pallas_call(
-      kernel, out_shape=out_shape, grid=grid, interpret=interpret,
-      compiler_params=plt.CompilerParams(num_warps=tiles.num_warps,
-                                         num_stages=tiles.num_stages),
+      kernel, out_shape=out_shape, grid=g.grid, interpret=interpret,
+      compiler_params=plt.CompilerParams(num_warps=g.tiles.num_warps,
+                                         num_stages=g.tiles.num_stages),
       name=f"nf4_{kernel.func.__name__.strip('_')}")
 
 
-def _pad_rows(a: jax.Array, gemv: bool) -> jax.Array:
-  """Pads ``a``'s rows to a power of two (GEMV) or a multiple of 16 (tensor cores)."""
-  m = a.shape[0]
-  rows = common.next_pow2(m) if gemv else -(-m // MMA_MIN_DIM) * MMA_MIN_DIM
-  return jnp.pad(a, ((0, rows - m), (0, 0))) if rows != m else a
-
-
 def _operands(t: NF4Tensor) -> tuple[jax.Array, ...]:
-  return (t.packed, *common.scale_operands(t, t.absmax).arrays(), common.nf4_table())
+  return (t.packed, *common.scale_operands(t, t.absmax).arrays())
+
+
+def _fused(a: jax.Array, t: NF4Tensor, *, transposed: bool, interpret: bool) -> jax.Array:
+  """``a @ W.T`` (or ``a @ W``) by the fused kernel: ``a.dtype[M, n_out]``."""
+  g = geometry(a.shape[0], t, transposed=transposed)
+  m = a.shape[0]
+  ap = jnp.pad(a, ((0, g.m_pad - m), (0, 0))) if g.m_pad != m else a
+  n_out = t.shape[1] if transposed else t.shape[0]
+  kernel = functools.partial(_transposed_kernel if transposed else _forward_kernel, g=g,
+                             nb=t.shape[1] // t.block_size, code=common.code_table(t))
+  partial = _launch(kernel, g, jax.ShapeDtypeStruct((g.splits, g.m_pad, n_out), jnp.float32),
+                    interpret)(ap, *_operands(t))
+  return partial.sum(0)[:m].astype(a.dtype)
 
 
 def forward(x: jax.Array, t: NF4Tensor, *, interpret: bool = False) -> jax.Array:
@@ -166,18 +230,7 @@ def forward(x: jax.Array, t: NF4Tensor, *, interpret: bool = False) -> jax.Array
   Returns:
     ``x.dtype[M, out]``, accumulated in float32.
   """
-  gemv = kind(x.shape[0], t) == "gemv"
-  tiles = TILES[("gemv" if gemv else "mma", False)]
-  out, nb = t.shape[0], t.shape[1] // t.block_size
-  xp = _pad_rows(x, gemv)
-  bm = xp.shape[0] if gemv else common.pow2_divisor(xp.shape[0], tiles.m)
-  tiles = dataclasses.replace(tiles, m=bm, rows=common.pow2_divisor(out, tiles.rows))
-  kb = common.pow2_divisor(nb, tiles.blocks)
-  kernel = functools.partial(_forward_kernel, tiles=tiles, nb=nb, kb=kb, gemv=gemv)
-  y = _launch(kernel, (out // tiles.rows, xp.shape[0] // bm),
-              jax.ShapeDtypeStruct((xp.shape[0], out), x.dtype), tiles, interpret)(
-                  xp[:, 0::2], xp[:, 1::2], *_operands(t))
-  return y[:x.shape[0]]
+  return _fused(x, t, transposed=False, interpret=interpret)
 
 
 def transposed(dy: jax.Array, t: NF4Tensor, *, interpret: bool = False) -> jax.Array:
@@ -186,21 +239,4 @@ def transposed(dy: jax.Array, t: NF4Tensor, *, interpret: bool = False) -> jax.A
   Returns:
     ``dy.dtype[M, in]``, accumulated in float32.
   """
-  gemv = kind(dy.shape[0], t) == "gemv"
-  tiles = TILES[("gemv" if gemv else "mma", True)]
-  out, inputs = t.shape
-  nb = inputs // t.block_size
-  dyp = _pad_rows(dy, gemv)
-  bm = dyp.shape[0] if gemv else common.pow2_divisor(dyp.shape[0], tiles.m)
-  bo = common.pow2_divisor(out, tiles.rows)
-  kb = common.pow2_divisor(nb, tiles.blocks)
-  col_tiles, m_tiles = nb // kb, dyp.shape[0] // bm
-  splits = common.pow2_divisor(out // bo, max(1, TARGET_PROGRAMS // (col_tiles * m_tiles)))
-  tiles = dataclasses.replace(tiles, m=bm, rows=bo)
-  kernel = functools.partial(_transposed_kernel, tiles=tiles, nb=nb, kb=kb,
-                             rows_per_split=out // splits, gemv=gemv)
-  half = jax.ShapeDtypeStruct((splits, dyp.shape[0], inputs // 2), jnp.float32)
-  dx_even, dx_odd = _launch(kernel, (col_tiles, m_tiles, splits), (half, half), tiles, interpret)(
-      dyp, *_operands(t))
-  dx = jnp.stack([dx_even.sum(0), dx_odd.sum(0)], axis=-1).reshape(dyp.shape[0], inputs)
-  return dx[:dy.shape[0]].astype(dy.dtype)
+  return _fused(dy, t, transposed=True, interpret=interpret)

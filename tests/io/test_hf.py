@@ -142,9 +142,9 @@ def test_missing_tensor_names_tensor_and_file(data_dir):
 def test_refuses_fp4_and_other_quantizations(data_dir, tmp_path):
   folder = _copy(data_dir / "hf/tiny-llama/base-bnb-nf4", tmp_path / "m")
   config = json.loads((folder / "config.json").read_text())
-  config["quantization_config"]["bnb_4bit_quant_type"] = "fp4"
+  config["quantization_config"]["bnb_4bit_quant_type"] = "int4"  # not a bitsandbytes type
   (folder / "config.json").write_text(json.dumps(config))
-  with pytest.raises(ValueError, match=r"'fp4' is not supported; only 'nf4'"):
+  with pytest.raises(ValueError, match=r"'int4' is not supported; only 'nf4' or 'fp4'"):
     HFSource(folder)
   config["quantization_config"] = {"quant_method": "gptq", "bits": 4}
   (folder / "config.json").write_text(json.dumps(config))

@@ -55,6 +55,17 @@ def test_matches_xla(isa, shape, block_size, double_quant, dtype):
   _assert_same(t, "float32" if dtype == "bfloat16" else "bfloat16")  # either output dtype
 
 
+@pytest.mark.parametrize("quant_type", ["fp4", "int4"])
+@pytest.mark.parametrize("shape,block_size,double_quant", [((64, 128), 64, True), ((37, 101), 32, False)])
+def test_other_code_tables_match_xla(isa, quant_type, shape, block_size, double_quant):
+  # The kernel takes the 16-entry table: FP4 (with its +0 at code 8) and Int4 decode the same way.
+  x = np.random.default_rng(sum(shape)).standard_normal(shape).astype(np.float32)
+  x.reshape(-1)[::7] = 0.0
+  t = jqlora.quantize_4bit(jnp.asarray(x), quant_type, block_size, double_quant)
+  for dtype in ("float32", "bfloat16"):
+    _assert_same(t, dtype)
+
+
 def test_large_output_on_threads_and_huge_pages(isa):
   # 16 MiB of float32 output: several threads, and the huge-page advice applies.
   x = np.random.default_rng(0).standard_normal((2048, 2048)).astype(np.float32)

@@ -320,3 +320,20 @@ def test_random_source_builds_every_family_variant():
   model = build_model(cfg, source, dtype=jnp.float32, progress=False)
   logits = model(jnp.zeros((1, 5), jnp.int32))
   assert logits.shape == (1, 5, 64) and bool(jnp.all(jnp.isfinite(logits)))
+
+
+def test_kv_cache_overrun_raises_instead_of_overwriting(tiny_model):
+  model = tiny_model("tiny-llama")
+  ids = jnp.arange(1, 7, dtype=jnp.int32)[None]
+  cache = model.init_cache(1, 8)
+  _, cache = model(ids[:, :5], cache=cache)
+  with pytest.raises(ValueError, match=r"KV cache overrun: 4 new token\(s\) after the 5 cached "
+                                       r"do not fit in max_len = 8"):
+    model(ids[:, :4], cache=cache)  # index known: raised before anything is written
+  with pytest.raises(ValueError, match="do not fit in max_len = 8"):
+    model(jnp.ones((1, 9), jnp.int32), cache=model.init_cache(1, 8))
+  step = nnx.jit(lambda m, x, c: m(x, cache=c))
+  _, cache = step(model, ids[:, :3], cache)  # slots 5, 6, 7: fits exactly
+  assert int(cache.index) == 8
+  with pytest.raises(Exception, match=r"KV cache overrun: 1 new token\(s\) after the 8 cached"):
+    jax.block_until_ready(step(model, ids[:, :1], cache))  # traced: raised when it runs

@@ -103,7 +103,7 @@ def test_scan_and_vmap_over_stacked_layers():
 
 def test_grad_lowers_for_cuda():
   t = testing.make_weight(SHAPE)
-  loss = lambda x, t: jnp.sum(jqlora.nf4_matmul(x, t, backend="pallas").astype(jnp.float32))
+  loss = lambda x, t: jnp.sum(jqlora.nf4_matmul(x, t, backend="pallas").astype(jnp.float32) ** 2)
   for m in (1, 16, 128):
     text = testing.lower_for_cuda(jax.grad(loss), jnp.zeros((m, SHAPE[1]), jnp.bfloat16), t)
     assert text.count("xla.gpu.triton") == 2  # forward and input-gradient kernels

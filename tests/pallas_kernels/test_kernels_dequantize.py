@@ -16,15 +16,9 @@ def _bits(a) -> np.ndarray:
   return np.asarray(a).view(np.uint8)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
-@pytest.mark.parametrize("shape,double_quant", [((192, 320), True), ((48, 192), False),
-                                                ((5, 7), True), ((3, 64), False)])
-def test_interpret_is_bit_exact(shape, double_quant, dtype):
-  t = testing.make_weight(shape, double_quant)
-  got = jax.jit(lambda t: dequantize(t, dtype, interpret=testing.INTERPRET))(t)
-  want = dequantize_reference(t, dtype)
-  assert got.shape == shape and got.dtype == jnp.dtype(dtype)
-  np.testing.assert_array_equal(_bits(got), _bits(want))
+@pytest.mark.parametrize("case", testing.DEQUANTIZE_CASES, ids=testing.case_id)
+def test_interpret_is_bit_exact(case):
+  testing.check_dequantize(case, interpret=testing.INTERPRET)
 
 
 def test_block_size_128_and_default_dtype():

@@ -5,45 +5,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jqlora.format import dequantize_reference
 from pallas_kernels import testing
-from pallas_kernels.nf4_matmul import (
-  matmul,
-  matmul_reference,
-  matmul_transposed,
-  matmul_transposed_reference,
-  triton,
-)
-
-# Each M once per activation dtype; shapes and single/double quantization rotate.
-CASES = [(m, dtype, testing.SHAPES[i % 3], i % 2 == 0)
-         for i, (m, dtype) in enumerate((m, d) for m in testing.M_VALUES
-                                        for d in (jnp.bfloat16, jnp.float32))]
+from pallas_kernels.nf4_matmul import matmul, matmul_transposed, triton
 
 
-def _ids(case):
-  m, dtype, shape, dq = case
-  return f"M{m}-{jnp.dtype(dtype).name}-{shape[0]}x{shape[1]}-{'dq' if dq else 'sq'}"
-
-
-def _assert_close(got, want, a, b, k):
-  bound = testing.float32_sum_bound(a, b, want, k)
-  err = np.abs(np.asarray(got, np.float64) - np.asarray(want, np.float64))
-  assert got.dtype == want.dtype and got.shape == want.shape
-  assert np.all(err <= bound), f"max excess {np.max(err - bound)}"
-
-
-@pytest.mark.parametrize("case", CASES, ids=_ids)
+@pytest.mark.parametrize("case", testing.MATMUL_CASES, ids=testing.case_id)
 def test_forward_and_transposed_match_references(case):
-  m, dtype, shape, double_quant = case
-  t = testing.make_weight(shape, double_quant)
-  x = testing.make_activations((m, shape[1]), dtype)
-  dy = testing.make_activations((m, shape[0]), dtype, seed=2)
-  y, dx = jax.jit(lambda x, dy, t: (matmul(x, t, interpret=testing.INTERPRET),
-                                    matmul_transposed(dy, t, interpret=testing.INTERPRET)))(x, dy, t)
-  w = np.asarray(dequantize_reference(t, dtype), np.float64)
-  _assert_close(y, matmul_reference(x, t), x, w.T, shape[1])
-  _assert_close(dx, matmul_transposed_reference(dy, t), dy, w, shape[0])
+  testing.check_matmul(case, interpret=testing.INTERPRET)
 
 
 def test_leading_axes_and_empty_rows():

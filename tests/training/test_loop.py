@@ -1,8 +1,10 @@
 """The training loop on the tiny Llama: packing, remat, resume exactness, non-finite stop."""
 
+import dataclasses
 import json
 import pathlib
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -87,24 +89,50 @@ def test_stopped_and_resumed_run_equals_uninterrupted_run(data_dir, tmp_path, ca
   assert (tmp_path / "resumed" / "adapter" / "adapter_model.safetensors").is_file()
 
 
-@pytest.mark.slow
-def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(data_dir, tmp_path, monkeypatch):
+def _poisoned(monkeypatch, calls):
+  """``train_step`` on an adapter with NaN entries at the given call numbers (put back after)."""
   import jqlora.training.loop as loop
 
-  real = loop.train_step
-  calls = []
+  real, n = loop.train_step, []
 
-  def poisoned(model, optimizer, batch):
+  def step(model, optimizer, batch):
+    n.append(1)
+    if len(n) not in calls:
+      return real(model, optimizer, batch)
+    state = nnx.state(model, nnx.LoRAParam)
+    good = jax.tree.map(jnp.array, state)  # copies: the step donates its buffers
+    nnx.update(model, jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), state))
     metrics = real(model, optimizer, batch)
-    calls.append(1)
-    return {**metrics, "loss": jnp.float32(jnp.nan)} if len(calls) == 4 else metrics
+    nnx.update(model, good)
+    return metrics
 
-  monkeypatch.setattr(loop, "train_step", poisoned)
-  config = _config(data_dir, tmp_path, "nan", save_steps=2)
-  with pytest.raises(TrainingError, match=r"loss is nan at step 4.*last good checkpoint \(step 2\)"):
+  monkeypatch.setattr(loop, "train_step", step)
+
+
+@pytest.mark.slow
+def test_a_non_finite_update_is_skipped_counted_and_the_run_goes_on(data_dir, tmp_path,
+                                                                     monkeypatch):
+  _poisoned(monkeypatch, {4})
+  result = train(_config(data_dir, tmp_path, "nan"))
+  rows = [r for r in _rows(tmp_path / "nan") if "loss" in r]
+  assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6] and result["step"] == 6
+  assert [r["skipped_steps"] for r in rows] == [0, 0, 0, 1, 1, 1]
+  assert np.isnan(rows[3]["loss"]) and all(np.isfinite(r["loss"]) for r in rows[4:])
+  from safetensors.numpy import load_file
+  adapter = load_file(str(tmp_path / "nan" / "adapter" / "adapter_model.safetensors"))
+  assert all(np.isfinite(w).all() for w in adapter.values())
+
+
+@pytest.mark.slow
+def test_max_nonfinite_steps_in_a_row_stop_and_keep_the_last_checkpoint(data_dir, tmp_path,
+                                                                         monkeypatch):
+  _poisoned(monkeypatch, {4, 5, 6})
+  config = _config(data_dir, tmp_path, "nan", save_steps=2, max_nonfinite_steps=2)
+  with pytest.raises(TrainingError, match=r"loss is nan at step 5: 2 non-finite updates in a row.*"
+                                          r"last good checkpoint \(step 4\)"):
     train(config)
   from jqlora.training.checkpoint import Checkpointer
-  assert Checkpointer(tmp_path / "nan" / "checkpoints").latest_step() == 2
+  assert Checkpointer(tmp_path / "nan" / "checkpoints").latest_step() == 4
 
 
 @pytest.mark.slow
@@ -157,16 +185,9 @@ def test_a_resumed_run_cuts_the_metrics_back_to_its_checkpoint(data_dir, tmp_pat
 
   full = train(_config(data_dir, tmp_path, "full"))
   real = loop.train_step
-  calls = []
-
-  def poisoned(model, optimizer, batch):  # steps 1-3 logged, then a NaN at step 4
-    metrics = real(model, optimizer, batch)
-    calls.append(1)
-    return {**metrics, "loss": jnp.float32(jnp.nan)} if len(calls) == 4 else metrics
-
-  monkeypatch.setattr(loop, "train_step", poisoned)
+  _poisoned(monkeypatch, {4})  # steps 1-3 logged, then a non-finite update stops the run
   with pytest.raises(TrainingError):
-    train(_config(data_dir, tmp_path, "cut", save_steps=2))
+    train(_config(data_dir, tmp_path, "cut", save_steps=2, max_nonfinite_steps=1))
   assert [r["step"] for r in _rows(tmp_path / "cut")] == [1, 2, 3]  # the checkpoint is step 2
   with (tmp_path / "cut" / "metrics.jsonl").open("a") as f:
     f.write('{"step": 4, "lo')  # as a process killed while writing leaves it
@@ -176,3 +197,103 @@ def test_a_resumed_run_cuts_the_metrics_back_to_its_checkpoint(data_dir, tmp_pat
   rows = _rows(tmp_path / "cut")
   assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6, 6]  # each step once, then the final row
   np.testing.assert_allclose(_losses(tmp_path / "cut"), _losses(tmp_path / "full"), rtol=1e-6)
+
+
+def test_dropout_masks_follow_the_seed(data_dir, tmp_path):
+  import jqlora.training.loop as loop
+
+  ids = jnp.asarray(np.random.default_rng(0).integers(3, 100, (2, 12)), jnp.int32)
+  outs = []
+  for seed in (0, 0, 1):
+    run = loop._prepare(_config(data_dir, tmp_path, "seed", lora_dropout=0.5, seed=seed))
+    loop._build(run)
+    lora = nnx.state(run.model, nnx.LoRAParam)  # the same adapters: only the masks differ
+    nnx.update(run.model, jax.tree.map(lambda x: jnp.full_like(x, 0.05), lora))
+    run.model.train()
+    outs.append(np.asarray(run.model(ids)))
+  np.testing.assert_array_equal(outs[0], outs[1])
+  assert np.abs(outs[0] - outs[2]).max() > 1e-3
+
+
+@pytest.mark.slow
+def test_a_resume_with_changed_settings_stops_naming_them(data_dir, tmp_path):
+  from jqlora.training.config import ConfigError
+
+  kw = dict(max_steps=2, save_steps=1, sample_packing=False)
+  train(_config(data_dir, tmp_path, "fp", **kw), stop_at_step=1)
+  with pytest.raises(ConfigError, match=r"checkpoint at step 1 was trained with other settings: "
+                                        r"lora_alpha \(16\.0 -> 32\.0\), learning_rate \(0\.01 -> "
+                                        r"0\.02\);.*resume_changed_settings: true"):
+    train(_config(data_dir, tmp_path, "fp", lora_alpha=32, learning_rate=2e-2, **kw))
+  data = tmp_path / "train.jsonl"
+  data.write_text(data.read_text().replace("rev", "reverse"))
+  with pytest.raises(ConfigError, match=r"settings: dataset \(its content differs"):
+    train(_config(data_dir, tmp_path, "fp", **kw))
+  assert [r["step"] for r in _rows(tmp_path / "fp")] == [1]  # nothing was touched
+  resumed = train(_config(data_dir, tmp_path, "fp", resume_changed_settings=True, eval_steps=5,
+                          **kw))  # allowed; and eval_* keys do not shape the run
+  assert resumed["step"] == 2
+
+
+@pytest.mark.slow
+def test_a_crash_while_writing_the_adapter_leaves_no_torn_adapter(data_dir, tmp_path, monkeypatch):
+  import jqlora.training.loop as loop
+
+  def crash(model, folder, **kw):
+    (pathlib.Path(folder) / "adapter_config.json").parent.mkdir(parents=True, exist_ok=True)
+    (pathlib.Path(folder) / "adapter_config.json").write_text("{}")
+    raise OSError("disk full")
+
+  monkeypatch.setattr(loop, "save_adapter", crash)
+  config = _config(data_dir, tmp_path, "torn", max_steps=1, save_steps=None)
+  with pytest.raises(OSError, match="disk full"):
+    train(config)
+  assert not (tmp_path / "torn" / "adapter").exists()
+  monkeypatch.undo()
+  train(config)  # the rerun writes it whole
+  assert loop._adapter_saved(tmp_path / "torn" / "adapter")
+
+
+def _warnings_of(fn):
+  """The messages ``jqlora.training.loop`` logs during ``fn()``, and its result."""
+  import logging
+
+  records, handler = [], logging.Handler(logging.WARNING)
+  handler.emit = records.append
+  logger = logging.getLogger("jqlora.training.loop")
+  logger.addHandler(handler)
+  try:
+    result = fn()
+  finally:
+    logger.removeHandler(handler)
+  return [r.getMessage() for r in records], result
+
+
+def test_pad_equal_to_eos_warns_and_the_end_of_turn_is_trained(data_dir, tmp_path):
+  import shutil
+
+  import jqlora.training.loop as loop
+
+  from .toy import char_tokenizer
+
+  config = _config(data_dir, tmp_path, "pad")
+  messages, run = _warnings_of(lambda: loop._prepare(config))
+  eot = run.tokenizer.convert_tokens_to_ids("<|im_end|>")
+  assert run.pad_id == run.tokenizer.eos_token_id == eot
+  assert messages == ["the tokenizer's pad token is its EOS token '<|im_end|>' (id 2); jqlora masks "
+                      "padding by position, so the end of turn stays a target (40 of 40 examples "
+                      "train it)"]
+  assert all((ex.labels == eot).sum() == 1 for ex in run.train_set.examples)  # the answer's end
+  batch = next(run.batches)
+  rows = batch["segment_ids"].reshape(-1, config.sequence_len)
+  examples = sum(len(np.unique(r[r > 0])) for r in rows)
+  assert (batch["labels"] == eot).sum() == examples > 0  # one end-of-turn target per example
+  # a template that closes no turn: the examples train no stop token, which is said
+  other = tmp_path / "no-end"
+  shutil.copytree(tmp_path / "tiny-llama", other)
+  char_tokenizer("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}assistant: {% endif %}").save_pretrained(other)
+  messages, _ = _warnings_of(lambda: loop._prepare(
+      dataclasses.replace(config, base_model=str(other))))
+  assert messages[-1].endswith("40 of 40 examples train no stop token (ids [2]): the model may "
+                               "not learn to stop")

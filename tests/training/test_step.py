@@ -97,18 +97,29 @@ def test_grad_clipping_bounds_the_update():
   np.testing.assert_allclose(float(delta), 1e-3, rtol=1e-4)
 
 
-def test_non_finite_step_changes_nothing():
+def test_non_finite_step_changes_nothing_and_is_counted():
+  from jqlora.training import make_tx, nonfinite_counts
+
   model = ToyLM(rngs=nnx.Rngs(3))
-  optimizer = jqlora.make_optimizer(model, optax.adam(1e-2))
+  optimizer = jqlora.make_optimizer(model, make_tx(optax.constant_schedule(1e-2),
+                                                   max_nonfinite_steps=3))
   jqlora.train_step(model, optimizer, toy_batch(jax.random.key(0)))
-  state = _np(nnx.state((model, optimizer)))
-  model.lora_b[...] = model.lora_b[...].at[0, 0].set(jnp.nan)
-  nan_state = _np(nnx.state((model, optimizer)))
-  metrics = jqlora.train_step(model, optimizer, toy_batch(jax.random.key(1)))
-  assert not np.isfinite(float(metrics["loss"]))
-  after = _np(nnx.state((model, optimizer)))
-  jax.tree.map(np.testing.assert_array_equal, after, nan_state)
-  assert not jax.tree.all(jax.tree.map(np.array_equal, after, state))
+  good = np.array(model.lora_b[...])  # a copy: the step donates its buffers
+  model.lora_b[...] = jnp.asarray(good).at[0, 0].set(jnp.nan)
+  inner = lambda: jax.tree.map(np.array, optimizer.opt_state.inner_state)  # moments, count
+  moments = inner()
+  for i in (1, 2):
+    metrics = jqlora.train_step(model, optimizer, toy_batch(jax.random.key(i)))
+    assert not np.isfinite(float(metrics["loss"]))
+    assert nonfinite_counts(optimizer) == (i, i)
+  lora_b = np.asarray(model.lora_b[...])
+  assert np.isnan(lora_b[0, 0])  # the update was skipped: the (poisoned) adapter is as it was
+  np.testing.assert_array_equal(np.delete(lora_b.ravel(), 0), np.delete(good.ravel(), 0))
+  jax.tree.map(np.testing.assert_array_equal, inner(), moments)
+  model.lora_b[...] = jnp.asarray(good)  # a finite step again: applied, the run of skips ends
+  jqlora.train_step(model, optimizer, toy_batch(jax.random.key(3)))
+  assert nonfinite_counts(optimizer) == (0, 2)
+  assert not np.array_equal(np.asarray(model.lora_b[...]), good)
 
 
 @pytest.mark.parametrize("kind", ["constant", "linear", "cosine"])
