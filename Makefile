@@ -33,8 +33,8 @@ install-test: $(VENV)/.test
 demo: $(VENV)/.core
 	$(BIN)/jqlora train --config configs/smollm2-135m-demo.yaml
 
-test: $(VENV)/.test
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+test: $(VENV)/.test  # both cores of a 2-core CI machine (pytest-xdist); PYTEST_ARGS="-n 0" for one
+	$(BIN)/python -m pytest -q -n 2 $(PYTEST_ARGS)
 
 test-fast: $(VENV)/.test
 	$(BIN)/python -m pytest -q -m "not slow" -n 2 $(PYTEST_ARGS)

@@ -396,10 +396,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   _show_warnings()
   argv = list(sys.argv[1:] if argv is None else argv)
   if argv[:1] == ["plan"]:
-    try:
-      return _plan_main(argv[1:])
-    except SystemExit as e:  # --help (0) and the parser's one-line errors (2)
-      return e.code
+    return _plan_main(argv[1:])  # its parser's errors: one line, SystemExit(2), as argparse
   args = _parser().parse_args(argv)
   try:
     return args.fn(args)

@@ -121,7 +121,8 @@ def test_user_errors_exit_2_with_one_line(trained, capsys):
   err = capsys.readouterr().err
   assert "unknown config key 'lora_rr'; did you mean 'lora_r'" in err and "Traceback" not in err
   (tmp / "bad.jsonl").write_text('{"text": "a"}\n{oops\n')
-  assert main(["train", "--config", str(cfg), f"dataset={tmp / 'bad.jsonl'}"]) == 2
+  assert main(["train", "--config", str(cfg), f"dataset={tmp / 'bad.jsonl'}",
+               f"output_dir={tmp / 'bad-data-run'}"]) == 2
   assert "bad.jsonl:2: not valid JSON" in capsys.readouterr().err
 
 
