@@ -282,8 +282,7 @@ def _memory_breakdown(model, optimizer, batch: dict, result: dict) -> dict:
   from flax import nnx
   from jax._src.ad_checkpoint import saved_residuals
 
-  import jqlora
-  from jqlora.training import eval_loss_sums
+  from jqlora.training import eval_loss_sums, functional_step
 
   graphdef, adapters, rest = nnx.split(model, nnx.LoRAParam, ...)
 
@@ -294,13 +293,7 @@ def _memory_breakdown(model, optimizer, batch: dict, result: dict) -> dict:
               if not where.startswith(("from the argument", "from a constant"))
               and hasattr(a, "dtype"))
   weights = _tree_bytes(nnx.state(model))
-  opt_graphdef, opt_state = nnx.split(optimizer)
-  m_graphdef, m_state = nnx.split(model)
-
-  def step(state, opt_state, inputs):
-    m, o = nnx.merge(m_graphdef, state), nnx.merge(opt_graphdef, opt_state)
-    metrics = jqlora.train_step(m, o, inputs)
-    return nnx.state(m), nnx.state(o), metrics
+  step, m_state, opt_state = functional_step(model, optimizer)
 
   shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
   compiled = jax.jit(step, donate_argnums=(0, 1)).lower(m_state, opt_state, shapes).compile()
@@ -590,7 +583,10 @@ def export(spec: dict) -> dict:
 
 def child_main(spec_file: str) -> None:
   """Entry point of a child process: runs ``spec["kind"]`` and writes its JSON result."""
+  from jqlora.io.allocator import return_freed_memory_while_loading
+
   spec = json.loads(pathlib.Path(spec_file).read_text())
+  return_freed_memory_while_loading()  # each stack owns its process, as the jqlora CLI does
   load_before = os.getloadavg()[0]
   kinds = {"export": export, "calibrate": calibrate, "jqlora": run_jqlora, "peft": run_peft,
            "qwix": run_qwix}

@@ -390,10 +390,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
   ``jqlora plan …`` exits 0 when the run fits, 1 when not.
   """
+  from jqlora.io.allocator import return_freed_memory_while_loading
   from jqlora.training.config import ConfigError
   from jqlora.training.data import DataError
 
   _show_warnings()
+  return_freed_memory_while_loading()  # the command owns its process (jqlora.io.allocator)
   argv = list(sys.argv[1:] if argv is None else argv)
   if argv[:1] == ["plan"]:
     return _plan_main(argv[1:])  # its parser's errors: one line, SystemExit(2), as argparse

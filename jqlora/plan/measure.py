@@ -25,11 +25,11 @@ from jax.sharding import Mesh
 from jqlora.format import NF4Tensor, storage_shapes
 from jqlora.models import LlamaConfig, build_model
 from jqlora.nn import LoraConfig, apply_lora
-from jqlora.parallel import batch_sharding, make_mesh, model_shardings
+from jqlora.parallel import batch_sharding, make_mesh, model_shardings, shard_activations
 from jqlora.plan.budget import Plan, plan
 from jqlora.plan.budget import _config as budget_config
 from jqlora.plan.budget import _human as human
-from jqlora.training import make_optimizer, make_schedule, make_tx, train_step
+from jqlora.training import functional_step, make_optimizer, make_schedule, make_tx
 
 __all__ = ["PAPER_LORA", "Measurement", "abstract_model", "format_measured", "measure",
            "measure_plan"]
@@ -166,21 +166,17 @@ def measure(model: nnx.Module, *, batch: int, seq: int, mesh: Mesh | None = None
     model: a jqlora model with adapters (``jqlora.apply_lora``).
     batch, seq: the global batch shape.
     mesh: compile the SPMD-partitioned step for this mesh (``jqlora.parallel``
-      shardings; the batch split over ``data x fsdp``); None: one device.
+      shardings; the batch, and the hidden states, split over ``data x fsdp``:
+      ``shard_activations`` sets ``model``'s ``hidden_sharding``); None: one device
+      (``hidden_sharding`` unset).
 
   Returns:
     A ``Measurement``; ``.total`` is the figure ``plan(...).total`` estimates.
   """
   tx = make_tx(make_schedule("constant", 1e-3, 10))
   optimizer = nnx.eval_shape(lambda m: make_optimizer(m, tx), model)
-  graphdef, state = nnx.split(model)
-  opt_graphdef, opt_state = nnx.split(optimizer)
+  step, state, opt_state = functional_step(shard_activations(model, mesh), optimizer)
   state, opt_state = _abstract(state, mesh), _abstract(opt_state, mesh)
-
-  def step(state, opt_state, inputs):
-    m, o = nnx.merge(graphdef, state), nnx.merge(opt_graphdef, opt_state)
-    metrics = train_step(m, o, inputs)
-    return nnx.state(m), nnx.state(o), metrics
 
   sharding = None if mesh is None else batch_sharding(mesh)
   ids = jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=sharding)

@@ -10,11 +10,12 @@ from jqlora.training.step import (
                                   PMAP_AXIS,
                                   chunked_token_loss_sums,
                                   eval_loss_sums,
+                                  functional_step,
                                   pmap_train_step,
                                   token_loss_sums,
                                   train_step,
 )
 
 __all__ = ["IGNORE_INDEX", "PMAP_AXIS", "Batch", "chunked_token_loss_sums", "eval_loss_sums",
-           "make_optimizer", "make_schedule", "make_tx", "nonfinite_counts", "pmap_train_step",
-           "token_loss_sums", "train_step"]
+           "functional_step", "make_optimizer", "make_schedule", "make_tx", "nonfinite_counts",
+           "pmap_train_step", "token_loss_sums", "train_step"]

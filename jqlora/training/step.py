@@ -4,6 +4,12 @@ Batches follow ``jqlora.training.batch``: int32 ``input_ids`` and unshifted
 ``labels`` (``IGNORE_INDEX`` = -100 ignored), optionally ``segment_ids`` /
 ``positions`` (packing), each ``[B, T]`` or ``[A, B, T]`` with ``A``
 micro-batches accumulated into one update.
+
+The loss is a parameter of the step (``train_step(..., loss=)``): a hashable
+callable ``loss(model, micro_batch) -> (loss_sum, count, extras)`` whose sums
+add up over micro-batches (and devices); the step minimises ``loss_sum / count``.
+``sft_loss`` (the default) is next-token cross-entropy over target tokens;
+``jqlora.training.dpo.DPOLoss`` is preference tuning.
 """
 
 from __future__ import annotations
@@ -19,8 +25,8 @@ from flax import nnx
 
 from jqlora.training.batch import IGNORE_INDEX, Batch
 
-__all__ = ["PMAP_AXIS", "token_loss_sums", "chunked_token_loss_sums",
-           "train_step", "pmap_train_step", "eval_loss_sums"]
+__all__ = ["PMAP_AXIS", "LossFn", "token_loss_sums", "chunked_token_loss_sums", "next_token_targets",
+           "sft_loss", "train_step", "pmap_train_step", "functional_step", "eval_loss_sums"]
 
 
 
@@ -37,13 +43,14 @@ def token_loss_sums(logits: jax.Array, labels: jax.Array,
   Returns:
     ``(loss_sum, n_targets)``: float32 and int32 scalars.
   """
-  targets, valid = _targets(labels, segment_ids)
+  targets, valid = next_token_targets(labels, segment_ids)
   losses = optax.softmax_cross_entropy_with_integer_labels(
       logits[:, :-1].astype(jnp.float32), targets)
   return jnp.sum(jnp.where(valid, losses, 0.0)), jnp.sum(valid, dtype=jnp.int32)
 
 
-def _targets(labels: jax.Array, segment_ids: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+def next_token_targets(labels: jax.Array,
+                       segment_ids: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """Next-token targets ``[B, T - 1]`` (0 where not a target) and the bool target mask."""
   targets = labels[:, 1:]
   valid = targets != IGNORE_INDEX
@@ -72,7 +79,7 @@ def chunked_token_loss_sums(head: Callable[[jax.Array], jax.Array], hidden: jax.
   """
   if chunk_size <= 0:
     raise ValueError(f"loss chunk_size must be positive, got {chunk_size}")
-  targets, valid = _targets(labels, segment_ids)
+  targets, valid = next_token_targets(labels, segment_ids)
   b, t, d = hidden.shape
   n = b * t
   size = min(chunk_size, n)
@@ -109,6 +116,16 @@ def _forward_sums(model: nnx.Module, batch: Batch) -> tuple[jax.Array, jax.Array
                                  chunk_size=chunk_size)
 
 
+#: ``loss(model, micro_batch) -> (loss_sum, count, extras)``: float32 and int32 scalars and a dict
+#: of scalar sums; float extras are reported as means over ``count``, integer ones as totals.
+LossFn = Callable[[nnx.Module, Batch], tuple[jax.Array, jax.Array, dict[str, jax.Array]]]
+
+
+def sft_loss(model: nnx.Module, batch: Batch) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+  """Next-token cross-entropy: ``(loss_sum, n_targets, {})`` (a ``LossFn``)."""
+  return (*_forward_sums(model, batch), {})
+
+
 def _with_micro_axis(batch: Batch, lead: int = 0) -> dict[str, jax.Array]:
   """``batch`` as ``[*lead axes, A, B, T]`` arrays (``A = 1`` inserted for ``[*lead, B, T]``)."""
   batch = {k: jnp.asarray(v) for k, v in batch.items() if v is not None}
@@ -133,8 +150,8 @@ def _is_key(x: Any) -> bool:
 
 
 def _grad_sums(graphdef: nnx.GraphDef, params: Any, rng: Any, rest: Any,
-               batch: dict[str, jax.Array], axis_name: str | None):
-  """Summed loss gradients, loss sum and target count over the micro-batches of ``batch``.
+               batch: dict[str, jax.Array], axis_name: str | None, loss: LossFn):
+  """Summed loss gradients, loss sum, count and extras over the micro-batches of ``batch``.
 
   With ``axis_name`` (inside ``jax.pmap``/``shard_map``), dropout keys are
   folded with the device index (each device draws its own masks) and the three
@@ -142,7 +159,7 @@ def _grad_sums(graphdef: nnx.GraphDef, params: Any, rng: Any, rest: Any,
   global batch.
 
   Returns:
-    ``(grads, loss_sum, n_targets, new_rng)``; ``grads`` has the structure of ``params``.
+    ``(grads, loss_sum, count, extras, new_rng)``; ``grads`` has the structure of ``params``.
   """
   if axis_name is not None:
     index = jax.lax.axis_index(axis_name)
@@ -152,69 +169,78 @@ def _grad_sums(graphdef: nnx.GraphDef, params: Any, rng: Any, rest: Any,
 
   def loss_sum(params, rng, micro):
     model = nnx.merge(graphdef, params, _copy(rng), rest)  # dropout advances the rng copy
-    total, count = _forward_sums(model, micro)
-    return total, (count, nnx.state(model, nnx.RngState))
+    total, count, extras = loss(model, micro)
+    return total, (count, extras, nnx.state(model, nnx.RngState))
 
   grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
 
   def accumulate(carry, micro):
-    grads, total, count, rng = carry
-    (t, (c, rng)), g = grad_fn(params, rng, micro)
-    return (jax.tree.map(jnp.add, grads, g), total + t, count + c, rng), None
+    grads, total, count, extras, rng = carry
+    (t, (c, e, rng)), g = grad_fn(params, rng, micro)
+    return (jax.tree.map(jnp.add, grads, g), total + t, count + c, jax.tree.map(jnp.add, extras, e),
+            rng), None
 
   zeros = jax.tree.map(jnp.zeros_like, params)
-  init = (zeros, jnp.float32(0), jnp.int32(0), fwd_rng)
-  (grads, total, count, new_rng), _ = jax.lax.scan(accumulate, init, batch)
+  first = jax.tree.map(lambda x: x[0], batch)
+  extras = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                        jax.eval_shape(lambda *a: loss_sum(*a)[1][1], params, fwd_rng, first))
+  init = (zeros, jnp.float32(0), jnp.int32(0), extras, fwd_rng)
+  (grads, total, count, extras, new_rng), _ = jax.lax.scan(accumulate, init, batch)
   if axis_name is not None:
-    grads, total, count = jax.lax.psum((grads, total, count), axis_name)
+    grads, total, count, extras = jax.lax.psum((grads, total, count, extras), axis_name)
     # the keys never change (streams advance their counts): keep the unfolded ones
     new_rng = jax.tree.map(lambda new, old: old if _is_key(old) else new, new_rng, rng)
-  return grads, total, count, new_rng
+  return grads, total, count, extras, new_rng
 
 
 def _update(graphdef: nnx.GraphDef, opt_graphdef: nnx.GraphDef, params: Any, rng: Any,
-            rest: Any, opt_state: Any, batch: dict[str, jax.Array], axis_name: str | None = None):
+            rest: Any, opt_state: Any, batch: dict[str, jax.Array], axis_name: str | None = None,
+            loss: LossFn = sft_loss):
   """The whole step: gradients (``_grad_sums``), normalisation, optimizer update.
 
   A non-finite update is the optimizer's business: ``make_tx`` wraps it in
   ``optax.apply_if_finite``, which leaves the adapters and moments as they were.
   """
-  grads, total, count, new_rng = _grad_sums(graphdef, params, rng, rest, batch, axis_name)
+  grads, total, count, extras, new_rng = _grad_sums(graphdef, params, rng, rest, batch, axis_name, loss)
   denom = jnp.maximum(count, 1).astype(jnp.float32)
   grads = jax.tree.map(lambda g: g / denom, grads)
-  loss = total / denom
   grad_norm = optax.tree.norm(grads)
   model = nnx.merge(graphdef, params, new_rng, rest)
   optimizer = nnx.merge(opt_graphdef, opt_state)
   optimizer.update(model, grads)
-  metrics = {"loss": loss, "grad_norm": grad_norm, "n_tokens": count}
+  metrics = {"loss": total / denom, "grad_norm": grad_norm, "n_tokens": count}
+  metrics.update({k: v / denom if jnp.issubdtype(v.dtype, jnp.floating) else v
+                  for k, v in extras.items()})
   return nnx.state(model, optimizer.wrt), nnx.state(model, nnx.RngState), nnx.state(optimizer), metrics
 
 
-_step = jax.jit(_update, static_argnums=(0, 1), donate_argnums=(2, 3, 5))
+_step = jax.jit(_update, static_argnums=(0, 1), static_argnames=("loss",), donate_argnums=(2, 3, 5))
 PMAP_AXIS = "devices"
 _pmap_step = jax.pmap(functools.partial(_update, axis_name=PMAP_AXIS), axis_name=PMAP_AXIS,
                       in_axes=(None,) * 6 + (0,), out_axes=None,
                       static_broadcasted_argnums=(0, 1))
 
 
-def _run(step: Any, model: nnx.Module, optimizer: nnx.Optimizer,
-         batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+def _run(step: Any, model: nnx.Module, optimizer: nnx.Optimizer, batch: dict[str, jax.Array],
+         **loss: LossFn) -> dict[str, jax.Array]:
   graphdef, params, rng, rest = nnx.split(model, optimizer.wrt, nnx.RngState, ...)
   opt_graphdef, opt_state = nnx.split(optimizer)
   new_params, new_rng, new_opt_state, metrics = step(
-      graphdef, opt_graphdef, params, rng, rest, opt_state, batch)
+      graphdef, opt_graphdef, params, rng, rest, opt_state, batch, **loss)
   nnx.update(model, new_params, new_rng)
   nnx.update(optimizer, new_opt_state)
   return metrics
 
 
-def train_step(model: nnx.Module, optimizer: nnx.Optimizer, batch: Batch) -> dict[str, jax.Array]:
+def train_step(model: nnx.Module, optimizer: nnx.Optimizer, batch: Batch, *,
+               loss: LossFn = sft_loss) -> dict[str, jax.Array]:
   """One compiled optimizer step on ``batch``, updating ``model`` and ``optimizer`` in place.
 
   The loss is the mean over all target tokens of all micro-batches (not the
   mean of per-micro-batch means), so accumulating ``A`` micro-batches gives
-  the gradient of the ``A``-times larger batch. Gradients are taken only with
+  the gradient of the ``A``-times larger batch; with another ``loss`` (a
+  ``LossFn``, hashable: one compilation per value) it is ``loss_sum / count``
+  over all micro-batches. Gradients are taken only with
   respect to ``optimizer.wrt`` (the adapters). With a ``make_tx`` optimizer
   (``optax.apply_if_finite``) a step whose gradient is not finite changes no
   adapter or moment and is counted (``nonfinite_counts``). Activation
@@ -230,11 +256,13 @@ def train_step(model: nnx.Module, optimizer: nnx.Optimizer, batch: Batch) -> dic
     optimizer: from ``make_optimizer(model, tx)``.
     batch: ``input_ids``, ``labels`` and optional ``segment_ids``/``positions``,
       int32 ``[B, T]`` or ``[A, B, T]``.
+    loss: the loss (module docstring); default next-token cross-entropy.
 
   Returns:
-    ``{"loss", "grad_norm"}`` float32 scalars (before clipping) and ``n_tokens`` int32.
+    ``{"loss", "grad_norm"}`` float32 scalars (before clipping), ``n_tokens`` int32
+    (the ``count``) and ``loss``'s extras.
   """
-  return _run(_step, model, optimizer, _with_micro_axis(batch))
+  return _run(_step, model, optimizer, _with_micro_axis(batch), loss=loss)
 
 
 def pmap_train_step(model: nnx.Module, optimizer: nnx.Optimizer,
@@ -259,6 +287,27 @@ def pmap_train_step(model: nnx.Module, optimizer: nnx.Optimizer,
     ``{"loss", "grad_norm", "n_tokens"}`` of the global batch, as ``train_step``.
   """
   return _run(_pmap_step, model, optimizer, _with_micro_axis(batch, lead=1))
+
+
+def functional_step(model: nnx.Module, optimizer: nnx.Optimizer, *,
+                    loss: LossFn = sft_loss) -> tuple[Callable[..., Any], Any, Any]:
+  """``train_step`` as a pure function of pytrees, for ``jax.jit(...).lower(...)`` and AOT use.
+
+  Returns:
+    ``(step, state, opt_state)``: ``step(state, opt_state, batch) -> (state, opt_state,
+    metrics)`` runs ``train_step`` on models rebuilt from the two states (``nnx.split``
+    of ``model`` and ``optimizer``), which are returned beside it. The states may be
+    abstract (``jax.ShapeDtypeStruct`` leaves) for lowering without memory.
+  """
+  graphdef, state = nnx.split(model)
+  opt_graphdef, opt_state = nnx.split(optimizer)
+
+  def step(state: Any, opt_state: Any, batch: Batch) -> tuple[Any, Any, dict[str, jax.Array]]:
+    m, o = nnx.merge(graphdef, state), nnx.merge(opt_graphdef, opt_state)
+    metrics = train_step(m, o, batch, loss=loss)
+    return nnx.state(m), nnx.state(o), metrics
+
+  return step, state, opt_state
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -165,13 +165,7 @@ def _worker() -> dict:
 
   optimizer = parallel.shard_model(jqlora.make_optimizer(model, make_tx(make_schedule(
       "constant", 1e-3, 5))), mesh)
-  graphdef, state = nnx.split(model)
-  opt_graphdef, opt_state = nnx.split(optimizer)
-
-  def step(state, opt_state, inputs):
-    m, o = nnx.merge(graphdef, state), nnx.merge(opt_graphdef, opt_state)
-    metrics = jqlora.train_step(m, o, inputs)
-    return nnx.state(m), nnx.state(o), metrics
+  step, state, opt_state = jqlora.training.functional_step(model, optimizer)
 
   lowered = jax.jit(step).lower(state, opt_state, parallel.shard_batch(batch, mesh))
   calls.clear()

@@ -164,3 +164,20 @@ def test_chunked_loss_rejects_a_non_positive_chunk():
   with pytest.raises(ValueError, match="chunk_size"):
     chunked_token_loss_sums(lambda h: h, jnp.zeros((1, 2, 3)), jnp.zeros((1, 2), jnp.int32),
                             chunk_size=0)
+
+
+def test_functional_step_equals_train_step_and_lowers_on_abstract_states():
+  batch = toy_batch(jax.random.key(3))
+  eager = ToyLM(rngs=nnx.Rngs(0))
+  eager_opt = jqlora.make_optimizer(eager, optax.adam(1e-2))
+  want = jqlora.train_step(eager, eager_opt, batch)
+
+  model = ToyLM(rngs=nnx.Rngs(0))
+  step, state, opt_state = jqlora.training.functional_step(
+      model, jqlora.make_optimizer(model, optax.adam(1e-2)))
+  state, opt_state, got = jax.jit(step)(state, opt_state, batch)
+  np.testing.assert_allclose(got["loss"], want["loss"], rtol=1e-6)
+  chex.assert_trees_all_close(_np(state), _np(nnx.state(eager)), rtol=1e-6)
+
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), (state, opt_state, batch))
+  assert jax.jit(step).lower(*abstract).compile().memory_analysis() is not None
