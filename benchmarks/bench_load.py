@@ -26,14 +26,18 @@ scales, offsets, float tensors) equals ``load_model`` without a mesh byte for by
 (sha256 of each global leaf, the unsharded load in a separate process).
 
   python benchmarks/bench_load.py --sharded [--processes 1|2|8]
+
+Every loading process opts in to glibc's loading setting, as the ``jqlora`` command
+does (``jqlora.io.allocator``); the JSON's ``allocator`` says so. The CPU model, ISA
+flags and load averages go in ``machine`` (``benchmarks/machine.py``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
-import platform
 import resource
 import shutil
 import subprocess
@@ -42,6 +46,7 @@ import time
 
 import ml_dtypes
 import numpy as np
+from machine import machine_info
 
 # TinyLlama-1.1B's shape: 1.10B parameters, untied head.
 CONFIG = {
@@ -65,6 +70,8 @@ LAYERS_PER_SHARD = 2
 SHARDED_CONFIG = {**CONFIG, "hidden_size": 1024, "intermediate_size": 2816,
                   "num_hidden_layers": 24, "num_attention_heads": 16, "num_key_value_heads": 4}
 SLACK_BYTES = 16 << 20
+ALLOCATOR = ("glibc mmap threshold 1 MiB while loading (jqlora.io.allocator."
+             "return_freed_memory_while_loading, as the jqlora CLI sets it)")
 
 
 def layer_shapes(c: dict) -> dict[str, tuple[int, ...]]:
@@ -131,6 +138,14 @@ def _current_rss_bytes() -> int:
   raise RuntimeError("no VmRSS in /proc/self/status")
 
 
+def _as_the_cli() -> None:
+  """glibc's loading setting on, as ``jqlora`` (the CLI) sets it for its process
+  (``jqlora.io.allocator``; a library caller opts in the same way)."""
+  from jqlora.io.allocator import return_freed_memory_while_loading
+
+  return_freed_memory_while_loading()
+
+
 def child(folder: str) -> None:
   """Runs in the subprocess: load with quantize=True, print one JSON line."""
   import jax
@@ -141,6 +156,7 @@ def child(folder: str) -> None:
   import jqlora.models
   from jqlora.io.loading import load_model
 
+  _as_the_cli()
   jax.block_until_ready(jqlora.quantize_nf4(jnp.ones((64, 64), jnp.bfloat16)).packed)
   baseline = _current_rss_bytes()
   start = time.perf_counter()
@@ -205,6 +221,7 @@ def sharded_child(folder: str, processes: int, process_id: int, port: int) -> No
   from jqlora.io.loading import load_model
   from jqlora.io.reads import READS
 
+  _as_the_cli()
   if processes == 0:
     model = load_model(folder, quantize=True, dtype=jnp.bfloat16, progress=False)
     print(json.dumps({"hashes": _leaf_hashes(model)}))
@@ -256,9 +273,8 @@ def _free_port() -> int:
 
 def sharded(args) -> None:
   """Writes the checkpoint, runs the sharded load and the reference, updates the JSON."""
-  import os
-
   folder = pathlib.Path(args.dir)
+  machine = {**machine_info(), "note": args.machine}
   ckpt = write_checkpoint(folder, SHARDED_CONFIG)
   p = args.processes
   env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={8 // p}",
@@ -301,8 +317,8 @@ def sharded(args) -> None:
            and r["equals_unsharded_byte_for_byte"] for r in rows)
   entry = {**ckpt, "config": SHARDED_CONFIG, "mesh": {"fsdp": 8}, "processes": p,
            "model_bytes": model, "slack_bytes": SLACK_BYTES, "meets_target": ok, "runs": rows,
-           "machine": {"platform": platform.platform(), "python": platform.python_version(),
-                       "cpus": os.cpu_count(), "note": args.machine}}
+           "allocator": ALLOCATOR,
+           "machine": {**machine, "load_average_end": [round(x, 2) for x in os.getloadavg()]}}
   out = pathlib.Path(args.out)
   result = json.loads(out.read_text()) if out.is_file() else {}
   result.setdefault("sharded", {})[f"{p}_process"] = entry
@@ -342,6 +358,7 @@ def main() -> None:
     return
 
   folder = pathlib.Path(args.dir)
+  machine = {**machine_info(), "note": args.machine}
   start = time.perf_counter()
   ckpt = write_checkpoint(folder, CONFIG)
   write_seconds = time.perf_counter() - start
@@ -363,7 +380,8 @@ def main() -> None:
       "target_ratio": 1.5,
       "write_seconds": write_seconds,
       "config": CONFIG,
-      "machine": {"platform": platform.platform(), "python": platform.python_version()},
+      "allocator": ALLOCATOR,
+      "machine": {**machine, "load_average_end": [round(x, 2) for x in os.getloadavg()]},
   }
   gib = 2.0 ** 30
   rows = [
@@ -382,6 +400,8 @@ def main() -> None:
   print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
   out = pathlib.Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
+  if out.is_file():  # keep the --sharded entries
+    result |= {k: v for k, v in json.loads(out.read_text()).items() if k == "sharded"}
   out.write_text(json.dumps(result, indent=2) + "\n")
   print(f"wrote {out}")
 

@@ -15,9 +15,11 @@ XLA's count less the optimizer-state arguments). On the CPU the plan counts
 what XLA:CPU adds to a bf16 step (``upcast_matmuls``). The 65B row says whether
 the step fits 48 GiB by XLA's own count; one row compiles 70B for
 ``mesh.fsdp=8`` on 8 simulated CPU devices (batch 8, a subprocess) and reports
-bytes per device. ``compile_depth`` compiles the 65B step with 2 and with 80
-layers. Target: within 10 %. Prints tables and writes
-``benchmarks/results/bench_plan.json``.
+bytes per device: true FSDP, the hidden states split by rows like the batch
+(``jqlora.parallel.shard_activations``) and each layer's NF4 codes gathered, the LM
+head gathered whole over fsdp for its matmul (which the plan counts).
+``compile_depth`` compiles the 65B step with 2 and with 80 layers. Target: within 10 %.
+Prints tables and writes ``benchmarks/results/bench_plan.json``.
 
 Usage: python benchmarks/bench_plan.py [--abstract-only]   (keeps the JSON's small-model rows)
 """
@@ -28,7 +30,6 @@ import argparse
 import json
 import os
 import pathlib
-import platform
 import subprocess
 import sys
 import time
@@ -36,6 +37,7 @@ import time
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from machine import machine_info
 
 import jqlora
 from jqlora.models import LlamaConfig, build_model, random_source
@@ -149,16 +151,6 @@ def small_rows() -> list[dict]:
   return rows
 
 
-def _cpu_name() -> str:
-  """The CPU's model name (Linux), else the machine type."""
-  try:
-    lines = pathlib.Path("/proc/cpuinfo").read_text().splitlines()
-  except OSError:
-    return platform.machine()
-  return next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")),
-              platform.machine())
-
-
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--abstract-only", action="store_true",
@@ -168,6 +160,7 @@ def main() -> None:
   if args.row:
     print(json.dumps(abstract_row(args.row)))
     return
+  machine = machine_info()
   rows = json.loads(RESULTS.read_text())["rows"] if args.abstract_only else small_rows()
   worst = max(abs(r["error"]) for r in rows)
   print(f"small models: worst error {worst:.1%} (target within {TARGET:.0%})")
@@ -193,8 +186,12 @@ def main() -> None:
       "abstract_rows": full, "abstract_worst_error_one_device": worst_full,
       "abstract_passed_one_device": worst_full <= TARGET,
       "llama_65b_fits_48GiB_by_xla": paper["fits_48GiB_by_xla"], "compile_depth": depth,
-      "backend": jax.default_backend(), "jax": jax.__version__, "machine": platform.machine(),
-      "cpu": _cpu_name(), "cores": os.cpu_count(), "load_average": os.getloadavg(),
+      "backend": jax.default_backend(), "jax": jax.__version__,
+      "machine": {**machine, "load_average_end": [round(x, 2) for x in os.getloadavg()]},
+      "note": f"compile_s measured on a {machine['cpus']}-core machine shared with other jobs "
+              f"(load average {machine['load_average'][0]:.1f} at the start, "
+              f"{os.getloadavg()[0]:.1f} at the end): compile times are noisy; hlo_chars and "
+              "while_loops show the program does not grow with depth",
   }, indent=2) + "\n")
   print(f"wrote {RESULTS}")
 

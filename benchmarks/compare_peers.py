@@ -57,7 +57,6 @@ import dataclasses
 import json
 import os
 import pathlib
-import platform
 import resource
 import statistics
 import subprocess
@@ -65,6 +64,7 @@ import sys
 import tempfile
 import time
 
+import machine  # the benchmarks' shared machine description (benchmarks/machine.py)
 import numpy as np
 
 STACKS = ("jqlora-qlora", "jqlora-lora", "peft-bnb", "peft-lora", "qwix-qlora")
@@ -85,10 +85,6 @@ RANDOM_CONFIGS = {
 }
 CURVE_SEQS = (128, 512, 1024, 2048)
 CURVE_MODELS = (SMOLLM2, MID, BIG)
-#: the CPU features that decide matmul speed (AVX-512, AMX, VNNI, ...), recorded per run
-ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl",
-             "avx512_bf16", "avx512_fp16", "avx512_vnni", "avx_vnni", "amx_tile", "amx_bf16",
-             "amx_int8", "asimd", "sve")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -618,31 +614,11 @@ def _probe_gpu(env: dict) -> bool:
   return proc.stdout.strip().endswith("True")
 
 
-def _cpu_info() -> tuple[str, list[str]]:
-  """CPU model name and the matmul-relevant ISA flags (``ISA_FLAGS``) it has."""
-  cpu, flags = platform.processor() or platform.machine(), set()
-  try:
-    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-      key, _, value = line.partition(":")
-      if key.strip() == "model name" and cpu == (platform.processor() or platform.machine()):
-        cpu = value.strip()
-      elif key.strip() in ("flags", "Features") and not flags:
-        flags = set(value.split())
-  except OSError:
-    pass
-  return cpu, [f for f in ISA_FLAGS if f in flags]
-
-
 def machine_info(gpu: bool) -> dict:
   """Where the numbers come from: CPU model and ISA flags, cores, memory, library versions."""
-  import importlib.metadata as md
-  cpu, flags = _cpu_info()
-  mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else None
-  info = {"platform": platform.platform(), "cpu": cpu, "isa_flags": flags, "cpus": os.cpu_count(),
-          "memory_gib": None if mem is None else round(mem / 2**30, 1), "gpu": gpu,
-          "load_avg_start": list(os.getloadavg()),
-          "versions": {p: md.version(p) for p in ("jax", "flax", "optax", "qwix", "torch",
-                                                   "transformers", "peft", "bitsandbytes")}}
+  info = machine.machine_info(("jax", "jaxlib", "flax", "optax", "qwix", "torch", "transformers",
+                                "peft", "bitsandbytes"))
+  info.update(gpu=gpu, load_avg_start=list(os.getloadavg()))
   if gpu:
     proc = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
                           capture_output=True, text=True)

@@ -34,6 +34,7 @@ def ws(tmp_path_factory):
   (t / "latin1.jsonl").write_bytes('{"text": "caf\xe9"}\n'.encode("latin-1"))
   (t / "bad_line.jsonl").write_text('{"text": "a"}\n{"text": \n')
   (t / "no_output.jsonl").write_text('{"instruction": "a", "output": "b"}\n{"instruction": "x"}\n')
+  _write_format_cases(t)
   (t / "afile").write_text("not a folder")
   (t / "empty").mkdir()
   garbled = t / "garbled_model"  # tokenizer fine, config.json not JSON
@@ -48,6 +49,23 @@ def ws(tmp_path_factory):
   (t / "out" / "notes.txt").write_text("the user's own file")
   (t / "bad.yaml").write_text("lora_r: [1,\n")
   return t
+
+
+def _write_format_cases(t):
+  """Bad records and files of each dataset format and file type (tests/training/test_records.py)."""
+  import datasets
+  from training.test_records import write_dataset
+
+  turns = lambda *pairs: {"conversations": [{"from": f, "value": v} for f, v in pairs]}
+  write_dataset(t, "bad_role", [turns(("human", "u"), ("bot", "a"))], "jsonl")
+  write_dataset(t, "empty_conv", [{"conversations": []}], "json")
+  write_dataset(t, "mixed", [{"instruction": "a", "output": "b"}, {"text": "t"}], "jsonl")
+  write_dataset(t, "pref", [{"prompt": "p", "chosen": "a", "rejected": "b"}], "jsonl")
+  write_dataset(t, "eval_bad", [{"instruction": "a", "output": "b"}, {"instruction": "x"}], "parquet")
+  datasets.DatasetDict({"test": datasets.Dataset.from_list([{"text": "a"}])}).save_to_disk(str(t / "dd"))
+  (t / "corrupt.parquet").write_bytes(b"PAR1 garbage")
+  (t / "missing_col.csv").write_text("instruction,input\nrev,abc\n")
+  (t / "data.txt").write_text('{"text": "a"}\n')
 
 
 def _yaml(ws, name, **kw):
@@ -88,6 +106,24 @@ CASES = [
     ("dataset_bad_json_line", _train(dataset="../bad_line.jsonl"), r"bad_line\.jsonl:2: not valid JSON"),
     ("dataset_missing_field", _train(dataset="../no_output.jsonl"),
      r"no_output\.jsonl:2: expected a string 'output'"),
+    ("sharegpt_unknown_role", _train(dataset="../bad_role.jsonl"),
+     r"bad_role\.jsonl:1: conversations\[1\]\.from: unknown role 'bot'; expected one of human"),
+    ("sharegpt_empty_conversation", _train(dataset="../empty_conv.json"),
+     r"empty_conv\.json row 1: expected 'conversations': a non-empty list .* got an empty list"),
+    ("dataset_mixed_formats", _train(dataset="../mixed.jsonl"),
+     r"mixed\.jsonl:2: a text record \(keys \['text'\]\), but line 1 is alpaca"),
+    ("preference_records_in_sft", _train(dataset="../pref.jsonl"),
+     r"pref\.jsonl:1: preference records \(chosen/rejected\) train with method: dpo"),
+    ("eval_dataset_missing_field", _train(eval_dataset="../eval_bad.parquet"),
+     r"eval_bad\.parquet row 2: expected a string 'output', got nothing"),
+    ("parquet_corrupt", _train(dataset="../corrupt.parquet"),
+     r"corrupt\.parquet: cannot be read as a PARQUET file: .*magic bytes"),
+    ("csv_missing_column", _train(dataset="../missing_col.csv", dataset_type="alpaca"),
+     r"missing_col\.csv row 1: expected a string 'output', got nothing \(alpaca format"),
+    ("dataset_dict_without_train", _train(dataset="../dd"),
+     r"dd: this DatasetDict folder has no 'train' split \(it has test\)"),
+    ("dataset_unknown_file_type", _train(dataset="../data.txt"),
+     r"data\.txt: unknown dataset file type '\.txt'; expected \.jsonl"),
     ("model_missing", _train(base_model="/nonexistent/model"), r"/nonexistent/model not found"),
     ("model_empty_folder", _train(base_model="../empty"), r"empty: no tokenizer files"),
     pytest.param("model_config_not_json", _train(base_model="../garbled_model"),

@@ -17,6 +17,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import NamedSharding
 
 from jqlora.models.config import LlamaConfig
 from jqlora.models.layers import Block, RMSNorm, rope_inv_freq
@@ -85,6 +86,12 @@ class Llama(nnx.Module):
       ``loss_chunking``). Chunking caps the logits at ``chunk x vocab`` floats: worth
       it for large vocabularies and long batches; on a small CPU batch it costs ~10 %.
     rngs: dropout keys for the stacked layers' adapters in training mode.
+    hidden_sharding: where the hidden states ``[B, T, hidden]`` are held: at the
+      embedding output and at each layer's output, ``with_sharding_constraint`` to it
+      (when it divides ``B``), or None (the default: wherever XLA puts them).
+      ``jqlora.parallel.shard_model`` sets it to ``B`` split over the mesh's batch
+      axes, so a partitioned step keeps each device's rows and gathers a layer's NF4
+      codes (FSDP) instead of splitting the activations' features like the weights.
   """
 
   def __init__(self, config: LlamaConfig, embed_tokens: jax.Array, layers: Block, norm: RMSNorm,
@@ -97,6 +104,7 @@ class Llama(nnx.Module):
     self.dtype = jnp.dtype(dtype)
     self.remat = False
     self.loss_chunk_size: int | None = None
+    self.hidden_sharding: NamedSharding | None = None
     self.rngs = rngs if rngs is not None else nnx.Rngs(dropout=0)
 
   # -- naming ---------------------------------------------------------------
@@ -167,7 +175,7 @@ class Llama(nnx.Module):
     freqs = jnp.concatenate([freqs, freqs], axis=-1)
     cos, sin = jnp.cos(freqs).astype(self.dtype), jnp.sin(freqs).astype(self.dtype)
 
-    x = jnp.take(self.embed_tokens.get_value(), input_ids, axis=0).astype(self.dtype)
+    x = self._hold(jnp.take(self.embed_tokens.get_value(), input_ids, axis=0).astype(self.dtype))
     graphdef, state = nnx.split(self.layers)
     keys = (jax.random.split(self.rngs.dropout(), c.num_hidden_layers)
             if self._needs_dropout() else None)
@@ -176,7 +184,7 @@ class Llama(nnx.Module):
       layer_state, kv, key = xs
       layer = nnx.merge(graphdef, layer_state)
       h, kv = layer(h, cos, sin, mask, kv, start, key)
-      return h, kv if cache is not None else None
+      return self._hold(h), kv if cache is not None else None
 
     if self.remat:
       body = jax.checkpoint(body)
@@ -188,6 +196,18 @@ class Llama(nnx.Module):
     if cache is None:
       return out
     return out, KVCache(new_kv[0], new_kv[1], k_seg, start + t)
+
+  def _hold(self, h: jax.Array) -> jax.Array:
+    """``h [B, T, hidden]`` constrained to ``hidden_sharding``; as it is when that is None or
+    does not divide ``h`` (a batch of one in generation)."""
+    s = self.hidden_sharding
+    if s is None:
+      return h
+    try:
+      s.shard_shape(h.shape)
+    except ValueError:
+      return h
+    return jax.lax.with_sharding_constraint(h, s)
 
   def loss_chunking(self) -> int | None:
     """Tokens per chunk for the training loss: ``loss_chunk_size``, or None (whole batch)

@@ -3,7 +3,8 @@ mesh, multi-process start-up.
 
 - ``mesh``: ``make_mesh``, ``mesh_from_config`` (axes ``data``, ``fsdp``, ``tensor``);
 - ``partition``: ``RULES`` (logical axis -> mesh axis), ``partition_specs``, ``model_shardings``;
-- ``placement``: ``shard_model``, ``shard_batch``, ``replicate``, ``process_rows``;
+- ``placement``: ``shard_model``, ``shard_activations``, ``shard_batch``, ``replicate``,
+  ``process_rows``;
 - ``distributed``: ``jax.distributed`` from config or environment;
 - ``config``: ``MeshConfig``, ``DistributedConfig``, ``ConfigError``.
 
@@ -24,11 +25,12 @@ from jqlora.parallel.placement import (
                                        batch_sharding,
                                        process_rows,
                                        replicate,
+                                       shard_activations,
                                        shard_batch,
                                        shard_model,
                                        shard_shapes,
 )
 
 __all__ = ["AXES", "BATCH_AXES", "RULES", "batch_sharding", "make_mesh", "mesh_from_config",
-           "model_shardings", "partition_specs", "process_rows", "replicate", "shard_batch",
-           "shard_model", "shard_shapes"]
+           "model_shardings", "partition_specs", "process_rows", "replicate",
+           "shard_activations", "shard_batch", "shard_model", "shard_shapes"]

@@ -19,8 +19,8 @@ from jax.sharding import PartitionSpec as P
 
 from jqlora.parallel.partition import model_shardings
 
-__all__ = ["shard_model", "shard_batch", "batch_sharding", "process_rows", "replicate",
-           "shard_shapes", "BATCH_AXES"]
+__all__ = ["shard_model", "shard_activations", "shard_batch", "batch_sharding", "process_rows",
+           "replicate", "shard_shapes", "BATCH_AXES"]
 
 #: Mesh axes a batch's ``B`` dimension is split over.
 BATCH_AXES = ("data", "fsdp")
@@ -38,7 +38,8 @@ def shard_model(model: Any, mesh: Mesh, **kwargs) -> Any:
   Returns:
     ``model``, its arrays now ``jax.Array``s with ``NamedSharding`` on ``mesh``.
     Variables already on ``mesh`` (``load_model(..., mesh=mesh)``) stay as they
-    are unless ``rules`` are given; the rest are placed.
+    are unless ``rules`` are given; the rest are placed. A model's hidden states
+    are held batch-split (``shard_activations``).
 
   Multi-process: every process holds the same host-local model (same
   checkpoint, same seed) and keeps only its devices' shards of it.
@@ -48,6 +49,23 @@ def shard_model(model: Any, mesh: Mesh, **kwargs) -> Any:
   else:
     state = nnx.state(model, lambda path, v: not _on_mesh(v, mesh))
   nnx.update(model, jax.tree.map(_put, state, model_shardings(state, mesh, **kwargs)))
+  return shard_activations(model, mesh)
+
+
+def shard_activations(model: Any, mesh: Mesh | None) -> Any:
+  """Sets ``hidden_sharding`` of each module of ``model`` that has one (jqlora's ``Llama``), in place.
+
+  On ``mesh`` the hidden states ``[B, T, hidden]`` are held with ``B`` split over
+  ``BATCH_AXES`` (replicated over ``tensor``), like the batch: a partitioned step then
+  keeps each device's rows and gathers each layer's NF4 codes on ``fsdp`` (FSDP), rather
+  than letting XLA split the activations' features like the weights and hold every
+  device's copy of the global batch. ``mesh=None`` unsets it. Returns ``model``.
+  """
+  sharding = None if mesh is None else NamedSharding(mesh, P(BATCH_AXES))
+  if isinstance(model, nnx.Module):
+    for _, module in nnx.iter_graph(model):
+      if isinstance(module, nnx.Module) and hasattr(module, "hidden_sharding"):
+        module.hidden_sharding = sharding
   return model
 
 

@@ -227,9 +227,12 @@ def plan(model: LlamaConfig | Mapping[str, Any] | str | pathlib.Path, *, devices
       computed holds a uint32 mask and a float32 dropped-out copy of its input.
     upcast_matmuls: count what XLA:CPU adds to a 16-bit step: it computes bf16
       matmuls in float32 and keeps a float32 copy of the LM head (``vocab x
-      hidden x 4`` bytes, split like the head) for the forward and backward pass
+      hidden x 4`` bytes, split over ``tensor``) for the forward and backward pass
       (read off its buffer assignment). Off: a backend with native 16-bit
-      matmuls (GPUs, TPUs).
+      matmuls (GPUs, TPUs). With ``fsdp > 1`` either way the head's matmul
+      gathers the head whole over ``fsdp`` (its contracted ``embed`` axis is split
+      there), counted in the working set: float32 when upcast, else ``base_dtype``
+      (XLA:CPU's partitioned step does so; not yet measured on a GPU).
 
   Returns:
     A ``Plan``.
@@ -282,8 +285,11 @@ def plan(model: LlamaConfig | Mapping[str, Any] | str | pathlib.Path, *, devices
     return sum(v * widths[k] for k, v in coef.items())
 
   logits_phase = _LOGITS_COPIES * widths["logits"]
-  head32 = -(-V * d * 4 // split) if upcast_matmuls and s < 4 else 0
-  work = head32 + (_DROPOUT_COPIES * widths["dropout"] if lora_dropout > 0 else 0)
+  # The LM head's matmul contracts its ``embed`` axis, which fsdp splits: the head is gathered
+  # whole over fsdp (split by tensor alone), in float32 where XLA:CPU upcasts the matmul.
+  head_bytes = 4 if upcast_matmuls and s < 4 else s_base if fsdp > 1 else 0
+  head_copy = -(-V * d * head_bytes // tensor)
+  work = head_copy + (_DROPOUT_COPIES * widths["dropout"] if lora_dropout > 0 else 0)
   full = max(L * copies(_SAVED) + copies(_WORK), L * copies(_SAVED) + logits_phase) + work
   remat = max(L * copies(_SAVED_REMAT) + copies(_WORK_REMAT),
               L * copies(_SAVED_REMAT) + logits_phase) + work

@@ -10,19 +10,28 @@ its shards), and ``restore`` reads them into the shardings the target model
 and optimizer have now (``jqlora.parallel.shard_model`` first to restore onto
 a mesh, nothing for one device). Multi-process runs call ``save``/``restore``
 on every process, on a folder all of them see.
+
+The folder is any path orbax accepts, a local one or a bucket URL (``gs://bucket/run``),
+held as an ``etils.epath.Path`` as orbax holds it: never turned into a local path.
 """
 
 from __future__ import annotations
 
-import pathlib
+import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
 
-__all__ = ["Checkpointer"]
+__all__ = ["Checkpointer", "is_local"]
+
+
+def is_local(path: str | os.PathLike) -> bool:
+  """Whether ``path`` is on this machine's file system, not a URL (``gs://``, ``s3://``)."""
+  return "://" not in os.fspath(path)
 
 
 def _is_key(x: Any) -> bool:
@@ -40,12 +49,14 @@ def _trainable_state(model: nnx.Module, optimizer: nnx.Optimizer) -> dict[str, A
 class Checkpointer:
   """Saves and restores the training state under ``directory`` (one sub-folder per step).
 
-  ``directory`` is created by the first ``save``, not before: a run that fails
-  before its first checkpoint leaves no trace.
+  ``directory`` (a local path, made absolute, or a URL such as ``gs://bucket/run``) is
+  created by the first ``save``, not before: a run that fails before its first
+  checkpoint leaves no trace.
   """
 
-  def __init__(self, directory: str | pathlib.Path, max_to_keep: int | None = 2):
-    self.directory = pathlib.Path(directory).resolve()
+  def __init__(self, directory: str | os.PathLike, max_to_keep: int | None = 2):
+    path = epath.Path(directory)
+    self.directory = path.resolve() if is_local(path) else path
     self._options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                                  enable_async_checkpointing=False)
     self._opened: ocp.CheckpointManager | None = None

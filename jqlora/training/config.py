@@ -61,6 +61,7 @@ class TrainConfig:
   # model
   base_model: str = "SmolLM2-135M-Instruct"
   load_in_4bit: bool = True
+  bnb_4bit_quant_type: Literal["nf4", "fp4", "int4"] = "nf4"  # load_in_4bit's code table (bnb's key)
   dtype: Literal["bfloat16", "float32"] = "bfloat16"
   gradient_checkpointing: bool = False
   loss_chunk_size: int | None = None
@@ -72,9 +73,13 @@ class TrainConfig:
   use_rslora: bool = False
   use_dora: bool = False
   finetune: Literal["lora", "full"] = "lora"  # full: every float weight trains, no adapters
+  method: Literal["sft", "dpo"] = "sft"  # dpo: preference pairs, reference = the base (adapters off)
+  beta: float = 0.1  # DPO's KL strength (TRL's name)
+  dpo_loss: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"  # TRL's loss_type
   # data
   dataset: str = ""
-  dataset_type: Literal["auto", "alpaca", "chat", "text"] = "auto"
+  dataset_type: Literal["auto", "alpaca", "chat", "sharegpt", "prompt_completion", "text",
+                        "preference"] = "auto"  # auto: from the first record's keys
   eval_dataset: str | None = None
   val_set_size: float = 0.0
   sequence_len: int = 512
@@ -130,12 +135,32 @@ class TrainConfig:
     if self.val_set_size < 0:
       raise ConfigError(f"val_set_size must be >= 0 (a fraction < 1 or a count), got {self.val_set_size}")
     if not self.dataset:
-      raise ConfigError("dataset is required: a JSONL file (alpaca, chat or text records)")
+      raise ConfigError("dataset is required: a .jsonl, .json, .parquet or .csv file or a save_to_disk "
+                        "folder (see configs/README.md for the formats)")
     if "jsonl" not in self.logging:
       raise ConfigError(f"logging must include jsonl (resume and jqlora plot read metrics.jsonl), "
                         f"got {self.logging}")
     if self.finetune == "full" and self.load_in_4bit:
       raise ConfigError("finetune: full needs a float base: set load_in_4bit: false")
+    if self.beta <= 0:
+      raise ConfigError(f"beta must be > 0, got {self.beta}")
+    if self.method == "dpo":
+      self._check_dpo()
+
+  def _check_dpo(self) -> None:
+    """Settings ``method: dpo`` cannot honour, each refused by name."""
+    refused = {"finetune": (self.finetune == "full", "full: its reference model is the base with the "
+                            "LoRA adapters switched off; use finetune: lora"),
+               "sample_packing": (self.sample_packing, "true: each sequence of a pair takes its own row"),
+               "loss_chunk_size": (self.loss_chunk_size is not None, f"{self.loss_chunk_size}: the DPO "
+                                   "loss computes whole logits; set loss_chunk_size: null"),
+               "eval_exact_match": (self.eval_exact_match, "true: a DPO run reports held-out "
+                                    "preference accuracy instead"),
+               "dataset_type": (self.dataset_type not in ("auto", "preference"), f"{self.dataset_type}: "
+                                "DPO reads preference records; use auto or preference")}
+    for key, (bad, why) in refused.items():
+      if bad:
+        raise ConfigError(f"{key} is not supported with method: dpo ({key}: {why})")
 
   @property
   def tokens_per_step(self) -> int:
@@ -336,7 +361,7 @@ def load_config(path: str | pathlib.Path | None, overrides: dict[str, Any] | Non
       kind = "" if isinstance(value, str) else f" ({type(value).__name__})"
       raise ConfigError(f"{culprit(key)}: {key} must be {_type_name(tp)}, got {value!r}{kind}") from None
   for key in _PATH_KEYS:
-    if values.get(key):
+    if values.get(key) and "://" not in values[key]:  # a URL (gs://...) goes to etils.epath as is
       values[key] = str((base(key) / values[key]).resolve())
   model = values.get("base_model")
   if model and (model.startswith(".") or "/" in model) and (base("base_model") / model).exists():
@@ -352,6 +377,6 @@ def load_config(path: str | pathlib.Path | None, overrides: dict[str, Any] | Non
   if check_files:
     for key in ("dataset", "eval_dataset"):
       file = getattr(config, key)
-      if file and not pathlib.Path(file).is_file():
+      if file and not pathlib.Path(file).exists():  # a file, or a save_to_disk folder
         raise ConfigError(f"{culprit(key)}: {key} file {file} does not exist")
   return config

@@ -1,31 +1,38 @@
-"""JSONL datasets (alpaca, chat, raw text) -> masked token rows -> packed, shuffled batches.
+"""Dataset records (alpaca, chat, sharegpt, prompt/completion, text) -> masked token rows -> batches.
 
 An example is ``(input_ids, labels)``, int32 ``[L]`` each, with ``labels``
 equal to the ids where the token is a target and ``IGNORE_INDEX`` elsewhere.
 Prompt tokens are masked unless ``train_on_inputs``; the answer's end of turn
-(the chat template's end-of-turn token, else EOS) is always a target.
+(the chat template's end-of-turn token, else EOS) is always a target. Files are
+read by ``jqlora.training.records`` (JSONL, JSON, Parquet, CSV, save_to_disk
+folders). Preference records (``chosen``/``rejected``) are detected here and
+trained by ``method: dpo`` (``jqlora.training.preference``), not by SFT.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
 from jqlora.generate import render_prompt
 from jqlora.training.batch import IGNORE_INDEX
+from jqlora.training.records import DataError, read_jsonl, read_located, read_text
 
-__all__ = ["DataError", "Example", "read_text", "read_jsonl", "detect_format", "to_messages", "encode",
-           "Dataset", "load_dataset", "BatchIterator", "eval_batches"]
+__all__ = ["DataError", "Example", "FORMATS", "read_text", "read_jsonl", "detect_format", "to_messages",
+           "encode", "Dataset", "load_dataset", "BatchIterator", "eval_batches"]
 
-FORMATS = ("alpaca", "chat", "text")
-class DataError(ValueError):
-  """A dataset that cannot be used (message names the file and line)."""
+#: The ``dataset_type`` values besides "auto"; "preference" records train with ``method: dpo``.
+FORMATS = ("alpaca", "chat", "sharegpt", "prompt_completion", "text", "preference")
+#: ShareGPT's speaker names (``from``) and the chat roles they stand for.
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "model": "assistant", "system": "system"}
+_MESSAGE = '{"role": str, "content": str}'
+_DPO = "preference records (chosen/rejected) train with method: dpo, not supervised fine-tuning"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,114 +46,150 @@ class Example:
     return len(self.input_ids)
 
 
-_BOMS = ((b"\xff\xfe\x00\x00", "utf-32-le"), (b"\x00\x00\xfe\xff", "utf-32-be"),
-         (b"\xff\xfe", "utf-16-le"), (b"\xfe\xff", "utf-16-be"), (b"\xef\xbb\xbf", "utf-8"))
-
-
-def read_text(path: str | pathlib.Path) -> str:
-  """A text file's contents: UTF-8, or UTF-8/16/32 with a byte-order mark.
-
-  Raises:
-    DataError: other bytes (e.g. Latin-1), naming the file, line and byte.
-  """
-  data = pathlib.Path(path).read_bytes()
-  encoding, skip = "utf-8", 0
-  for bom, name in _BOMS:
-    if data.startswith(bom):
-      encoding, skip = name, len(bom)
-      break
-  try:
-    return data[skip:].decode(encoding)
-  except UnicodeDecodeError as e:
-    line = data[skip:skip + e.start].count(b"\n") + 1 if encoding == "utf-8" else "?"
-    raise DataError(f"{path}:{line}: not {encoding.upper()} text (byte 0x{data[skip + e.start]:02x}); "
-                    "save the file as UTF-8") from None
-
-
-def read_jsonl(path: str | pathlib.Path) -> list[dict[str, Any]]:
-  """The records of a JSONL file, one JSON object per non-blank line.
-
-  Raises:
-    DataError: missing file, a line that is not a JSON object (``file:line``), no records.
-  """
-  path = pathlib.Path(path)
-  if not path.is_file():
-    raise DataError(f"dataset file {path} does not exist")
-  records = []
-  for lineno, line in enumerate(read_text(path).split("\n"), 1):
-    if not line.strip():
-      continue
-    try:
-      record = json.loads(line)
-    except json.JSONDecodeError as e:
-      raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg}); expected one JSON object "
-                      "per line, e.g. {\"instruction\": ..., \"output\": ...}") from None
-    if not isinstance(record, dict):
-      raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
-    records.append(record)
-  if not records:
-    raise DataError(f"dataset {path} is empty: it has no JSON records")
-  return records
+def _detect(record: dict[str, Any]) -> str | None:
+  if "chosen" in record and "rejected" in record:
+    return "preference"
+  if "prompt" in record and "completion" in record:
+    return "prompt_completion"
+  if "messages" in record:
+    return "chat"
+  if "conversations" in record:
+    return "sharegpt"
+  if "instruction" in record and "output" in record:
+    return "alpaca"
+  return "text" if "text" in record else None
 
 
 def detect_format(record: dict[str, Any], where: str = "") -> str:
-  """"chat" (``messages``), "alpaca" (``instruction``/``output``) or "text" (``text``)."""
-  if "messages" in record:
-    return "chat"
-  if "instruction" in record and "output" in record:
-    return "alpaca"
-  if "text" in record:
-    return "text"
-  raise DataError(f"{where}: cannot tell the format from keys {sorted(record)}; expected "
-                  "'messages' (chat), 'instruction' + 'output' (alpaca) or 'text', "
-                  "or set dataset_type: chat|alpaca|text")
+  """The format its keys say, one of ``FORMATS``, checked in this order.
+
+  "preference" (``chosen`` + ``rejected``), "prompt_completion" (``prompt`` +
+  ``completion``), "chat" (``messages``), "sharegpt" (``conversations``),
+  "alpaca" (``instruction`` + ``output``), "text" (``text``).
+  """
+  fmt = _detect(record)
+  if fmt is None:
+    raise DataError(f"{where}: cannot tell the format from keys {sorted(record)}; expected 'messages' "
+                    "(chat), 'conversations' (sharegpt), 'prompt' + 'completion', 'instruction' + "
+                    "'output' (alpaca), 'text', or 'chosen' + 'rejected' (preference), "
+                    f"or set dataset_type: {'|'.join(FORMATS)}")
+  return fmt
 
 
-def _check(record: dict[str, Any], fmt: str, where: str, how: str = "") -> None:
-  """Raises DataError for a record that is not of format ``fmt``; ``how``: how ``fmt`` was chosen."""
+_Fail = Callable[[str], DataError]
+
+
+def _kind(value: Any) -> str:
+  """How an error names what it got: ``nothing`` for a missing field, else the type."""
+  return "nothing" if value is None else "an empty list" if value == [] else type(value).__name__
+
+
+def _messages(value: Any, field: str, fail: _Fail, *, sharegpt: bool = False) -> list[dict[str, str]]:
+  """``value`` as ``[{"role", "content"}]``; ShareGPT's ``{"from", "value"}`` too when ``sharegpt``."""
+  shape = '{"from": str, "value": str}' if sharegpt else _MESSAGE
+  if not isinstance(value, list) or not value:
+    raise fail(f"expected {field!r}: a non-empty list of {shape}, got {_kind(value)}")
+  out = []
+  for i, m in enumerate(value):
+    if not isinstance(m, dict):
+      raise fail(f"{field}[{i}]: expected {shape}, got {type(m).__name__}")
+    role_key, content_key = ("from", "value") if sharegpt and "role" not in m else ("role", "content")
+    for key in (role_key, content_key):
+      if not isinstance(m.get(key), str):
+        raise fail(f"{field}[{i}].{key}: expected a string, got {_kind(m.get(key))}")
+    role = m[role_key]
+    if sharegpt:
+      if role not in SHAREGPT_ROLES:
+        raise fail(f"{field}[{i}].{role_key}: unknown role {role!r}; expected one of "
+                   f"{', '.join(SHAREGPT_ROLES)}")
+      role = SHAREGPT_ROLES[role]
+    out.append({"role": role, "content": m[content_key]})
+  return out
+
+
+def _string(record: dict[str, Any], key: str, fail: _Fail, default: str | None = None) -> str:
+  value = record.get(key, default)
+  if not isinstance(value, str):
+    raise fail(f"expected a string {key!r}, got {_kind(value)}")
+  return value
+
+
+def _content(record: dict[str, Any], fmt: str, fail: _Fail) -> list[dict[str, str]] | tuple[str, str]:
+  """A valid record's content: chat messages, or ``(prompt, completion)`` strings.
+
+  Text records give ``("", text)``; alpaca records one user and one assistant
+  message; string prompt/completion records ``(prompt, completion)``.
+  """
+  if fmt == "text":
+    return "", _string(record, "text", fail)
+  if fmt == "alpaca":
+    instruction, output = _string(record, "instruction", fail), _string(record, "output", fail)
+    extra = _string(record, "input", fail, default="")
+    return [{"role": "user", "content": instruction + (f"\n\n{extra}" if extra else "")},
+            {"role": "assistant", "content": output}]
+  if fmt == "prompt_completion":
+    prompt, completion = record.get("prompt"), record.get("completion")
+    if isinstance(prompt, str) and isinstance(completion, str):
+      return prompt, completion
+    if not (isinstance(prompt, list) and isinstance(completion, list)):
+      raise fail("expected 'prompt' and 'completion' both strings or both lists of messages "
+                 f"{_MESSAGE}, got {_kind(prompt)} and {_kind(completion)}")
+    prompt, completion = _messages(prompt, "prompt", fail), _messages(completion, "completion", fail)
+    for i, m in enumerate(completion):
+      if m["role"] != "assistant":
+        raise fail(f"completion[{i}].role: expected 'assistant', got {m['role']!r}")
+    return prompt + completion
+  if fmt == "preference":
+    raise fail(_DPO)
+  if fmt == "sharegpt":
+    key = "conversations" if "conversations" in record or "messages" not in record else "messages"
+    messages = _messages(record.get(key), key, fail, sharegpt=True)
+  else:
+    messages = _messages(record.get("messages"), "messages", fail)
+  if not any(m["role"] == "assistant" for m in messages):
+    raise fail(f"a {fmt} record needs at least one assistant message")
+  return messages
+
+
+def _failer(fmt: str, where: str, how: str = "") -> _Fail:
+  """Errors ``where: problem (fmt format[, how])``; ``how``: how ``fmt`` was chosen."""
   if how:
-    tag, fix = f"{fmt} format, {how}", "set dataset_type: chat|alpaca|text or fix the record"
+    tag, fix = f"{fmt} format, {how}", f"; set dataset_type: {'|'.join(FORMATS)} or fix the record"
   else:
     tag, fix = f"{fmt} format", ""
+  return lambda problem: DataError(f"{where}: {problem} ({tag}){fix}")
 
-  def fail(problem: str) -> DataError:
-    return DataError(f"{where}: {problem} ({tag}){'; ' + fix if fix else ''}")
 
-  if fmt == "chat":
-    msgs = record.get("messages")
-    ok = isinstance(msgs, list) and msgs and all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-        for m in msgs)
-    if not ok:
-      raise fail("expected 'messages': a non-empty list of {\"role\": str, \"content\": str}")
-    if not any(m["role"] == "assistant" for m in msgs):
-      raise fail("a chat record needs at least one 'assistant' message")
-  elif fmt == "alpaca":
-    for key in ("instruction", "output"):
-      if not isinstance(record.get(key), str):
-        raise fail(f"expected a string '{key}'")
-    if not isinstance(record.get("input", ""), str):
-      raise fail("expected 'input' to be a string")
-  elif not isinstance(record.get("text"), str):
-    raise fail("expected a string 'text'")
+def _first_target(record: dict[str, Any], fmt: str) -> int:
+  """The first message whose assistant turns train: after a conversational prompt, else 0."""
+  return len(record["prompt"]) if fmt == "prompt_completion" else 0
 
 
 def to_messages(record: dict[str, Any], fmt: str) -> list[dict[str, str]]:
-  """An alpaca or chat record as chat messages (alpaca: one user and one assistant turn)."""
-  if fmt == "chat":
-    return [{"role": m["role"], "content": m["content"]} for m in record["messages"]]
-  user = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
-  return [{"role": "user", "content": user}, {"role": "assistant", "content": record["output"]}]
+  """A record as chat messages (alpaca: one user and one assistant turn; sharegpt: roles mapped).
+
+  Raises:
+    DataError: a text or string prompt/completion record (it has no turns).
+  """
+  content = _content(record, fmt, _failer(fmt, "record"))
+  if isinstance(content, tuple):
+    raise DataError(f"{fmt} records with string fields have no chat turns to answer (eval_exact_match "
+                    "needs alpaca, chat, sharegpt or conversational prompt_completion records)")
+  return content
 
 
-def _chat_example(tokenizer: Any, messages: list[dict[str, str]], where: str):
-  """Token ids and a per-token target mask: assistant contents and their end of turn."""
+def _chat_example(tokenizer: Any, messages: list[dict[str, str]], where: str, first_target: int = 0):
+  """Token ids and a per-token target mask: the assistant turns from message ``first_target`` on.
+
+  A target turn is its content and its end of turn (what the template renders
+  after the generation prompt, up to the next message).
+  """
   render = lambda msgs, gen: tokenizer.apply_chat_template(msgs, tokenize=False,
                                                            add_generation_prompt=gen)
   full = render(messages, False)
   spans = []
   for i, m in enumerate(messages):
-    if m["role"] != "assistant":
+    if m["role"] != "assistant" or i < first_target:
       continue
     start, end = len(render(messages[:i], True)), len(render(messages[:i + 1], False))
     if not full.startswith(render(messages[:i + 1], False)):
@@ -162,37 +205,54 @@ def _chat_example(tokenizer: Any, messages: list[dict[str, str]], where: str):
   return ids, target
 
 
+def _plain_example(tokenizer: Any, prompt: str, completion: str):
+  """``prompt + completion`` tokenized as one text, then EOS; targets: the completion's tokens and EOS.
+
+  One text, as TRL tokenizes it, so a token is what the model sees at inference;
+  a token that starts in the completion is a target (offsets, as for chat turns).
+  """
+  eos = tokenizer.eos_token_id
+  enc = tokenizer(prompt + completion, return_offsets_mapping=True)
+  ids = np.asarray(list(enc["input_ids"]) + ([eos] if eos is not None else []), np.int32)
+  starts = np.asarray([s for s, _ in enc["offset_mapping"]] + [len(prompt + completion)], np.int64)
+  return ids, starts[:len(ids)] >= len(prompt)
+
+
 def encode(record: dict[str, Any], tokenizer: Any, fmt: str, *, train_on_inputs: bool = False,
            where: str = "") -> Example:
   """Tokenizes one record and masks its prompt.
 
   Args:
-    record: a JSON record of format ``fmt``.
-    tokenizer: a transformers tokenizer (its chat template is used for chat and
-      alpaca records when it has one).
-    fmt: "alpaca", "chat" or "text".
+    record: a record of format ``fmt``.
+    tokenizer: a transformers tokenizer (its chat template is used for chat,
+      sharegpt, conversational prompt/completion and alpaca records when it has one).
+    fmt: one of ``FORMATS`` but "preference".
     train_on_inputs: make every token a target, prompts included.
-    where: ``file:line`` for error messages.
+    where: the record's place (``file:line``, ``file row N``) for error messages.
 
   Returns:
-    The example; for text records every token (and the appended EOS) is a target.
+    The example. Text records: every token and the appended EOS are targets;
+    string prompt/completion records: the completion and EOS (TRL's
+    completion-only loss); chat-like records: the assistant turns (of the
+    completion only, for prompt/completion) with their end of turn.
+
+  Raises:
+    DataError: the record is not of format ``fmt`` (the message names the
+      field), a preference record, or chat records and no chat template.
   """
-  _check(record, fmt, where)
-  eos = tokenizer.eos_token_id
+  content = _content(record, fmt, _failer(fmt, where))
   if fmt == "text":
-    ids = list(tokenizer(record["text"])["input_ids"])
-    ids = np.asarray(ids + ([eos] if eos is not None else []), np.int32)
+    ids = list(tokenizer(content[1])["input_ids"])
+    ids = np.asarray(ids + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []), np.int32)
     target = np.ones(len(ids), bool)
+  elif isinstance(content, tuple):
+    ids, target = _plain_example(tokenizer, *content)
   elif getattr(tokenizer, "chat_template", None):
-    ids, target = _chat_example(tokenizer, to_messages(record, fmt), where)
+    ids, target = _chat_example(tokenizer, content, where, _first_target(record, fmt))
+  elif fmt == "alpaca":
+    ids, target = _plain_example(tokenizer, render_prompt(tokenizer, content[:-1]), content[-1]["content"])
   else:
-    if fmt == "chat":
-      raise DataError(f"{where}: chat records need a tokenizer with a chat template")
-    prompt = list(tokenizer(render_prompt(tokenizer, to_messages(record, fmt)[:-1]))["input_ids"])
-    answer = list(tokenizer(record["output"], add_special_tokens=False)["input_ids"])
-    answer += [eos] if eos is not None else []
-    ids = np.asarray(prompt + answer, np.int32)
-    target = np.arange(len(ids)) >= len(prompt)
+    raise DataError(f"{where}: {fmt} records need a tokenizer with a chat template")
   if train_on_inputs:
     target = np.ones(len(ids), bool)
   return Example(ids, np.where(target, ids, IGNORE_INDEX).astype(np.int32))
@@ -200,7 +260,7 @@ def encode(record: dict[str, Any], tokenizer: Any, fmt: str, *, train_on_inputs:
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
-  """A tokenized JSONL dataset: its records (for generation checks) and examples."""
+  """A tokenized dataset: its records (for generation checks) and examples."""
 
   path: str
   fmt: str
@@ -218,27 +278,45 @@ class Dataset:
     return pick(sorted(order[n_held_out:])), pick(sorted(order[:n_held_out]))
 
 
+def _label(place: str, path: str | pathlib.Path) -> str:
+  """``line N`` or ``row N`` of a record's place (``file:N`` or ``file row N``)."""
+  rest = place[len(str(path)):]
+  return f"line {rest[1:]}" if rest.startswith(":") else rest.strip()
+
+
 def load_dataset(path: str | pathlib.Path, tokenizer: Any, *, fmt: str = "auto",
                  sequence_len: int, train_on_inputs: bool = False) -> Dataset:
-  """Reads and tokenizes a JSONL dataset; examples longer than ``sequence_len`` are truncated.
+  """Reads and tokenizes a dataset; examples longer than ``sequence_len`` are truncated.
 
-  The truncated examples are counted and reported in one warning.
+  ``path``: any file type ``jqlora.training.records.read_located`` reads (.jsonl,
+  .json, .parquet, .csv, a save_to_disk folder). With ``fmt="auto"`` the first
+  record's keys choose the format and every other record must have it. The
+  truncated examples are counted and reported in one warning.
 
   Raises:
-    DataError: see ``read_jsonl``; a record of the wrong format (``file:line``).
+    DataError: see ``read_located``; preference records (they train with
+      ``method: dpo``); a record of another format than the first, or one that
+      is not of the format (naming its line or row and the field).
   """
-  records = read_jsonl(path)
-  lines = _record_lines(path)
-  if fmt == "auto":
-    fmt, how = detect_format(records[0], f"{path}:{lines[0]}"), f"detected from line {lines[0]}"
-  elif fmt in FORMATS:
-    how = "as dataset_type says"
-  else:
+  if fmt != "auto" and fmt not in FORMATS:
     raise DataError(f"dataset_type must be 'auto' or one of {FORMATS}, got {fmt!r}")
+  located = read_located(path)
+  first, record = located[0]
+  auto = fmt == "auto"
+  if auto:
+    fmt, how = detect_format(record, first), f"detected from {_label(first, path)}"
+  else:
+    how = "as dataset_type says"
+  if fmt == "preference":
+    raise DataError(f"{first}: {_DPO}; set method: dpo")
   examples, too_long = [], 0
-  for record, line in zip(records, lines):
-    _check(record, fmt, f"{path}:{line}", how)  # the error says how the format was chosen
-    ex = encode(record, tokenizer, fmt, train_on_inputs=train_on_inputs, where=f"{path}:{line}")
+  for place, record in located:
+    other = _detect(record) if auto else None
+    if other is not None and other != fmt:
+      raise DataError(f"{place}: a {other} record (keys {sorted(record)}), but {_label(first, path)} "
+                      f"is {fmt}: a dataset holds one format; convert the records or split the file")
+    _content(record, fmt, _failer(fmt, place, how))  # the error says how the format was chosen
+    ex = encode(record, tokenizer, fmt, train_on_inputs=train_on_inputs, where=place)
     if len(ex) > sequence_len:
       too_long += 1
       ex = Example(ex.input_ids[:sequence_len], ex.labels[:sequence_len])
@@ -246,11 +324,7 @@ def load_dataset(path: str | pathlib.Path, tokenizer: Any, *, fmt: str = "auto",
   if too_long:
     warnings.warn(f"{path}: {too_long} of {len(examples)} examples are longer than "
                   f"sequence_len={sequence_len} tokens and were truncated", stacklevel=2)
-  return Dataset(str(path), fmt, records, examples, too_long)
-
-
-def _record_lines(path: str | pathlib.Path) -> list[int]:
-  return [i for i, line in enumerate(read_text(path).split("\n"), 1) if line.strip()]
+  return Dataset(str(path), fmt, [r for _, r in located], examples, too_long)
 
 
 def _rows_to_batch(rows: Sequence[Sequence[Example]], seq_len: int, pad_id: int) -> dict[str, np.ndarray]:

@@ -33,6 +33,11 @@ resume whose settings differ stops with a ``ConfigError`` naming them, unless
 and counted in each metrics row's ``skipped_steps``; ``max_nonfinite_steps`` of
 them in a row stop the run.
 
+``method: dpo`` trains the adapters on preference pairs (``jqlora.training.preference``)
+with ``dpo_step``, whose reference model is the same base with the adapters off;
+its metrics rows add TRL's ``rewards/*``, and the held-out check is preference
+accuracy before and after (``evaluate_preferences``) instead of exact match.
+
 ``finetune: full`` (a float base only) adds no adapters: every float weight
 (embeddings, norms, linears, head) trains and is checkpointed, and the run
 writes the whole model, float32 in transformers format, to ``output_dir/model``
@@ -48,16 +53,16 @@ import json
 import logging
 import math
 import os
-import pathlib
-import shutil
 import signal
 import sys
+import tempfile
 import time
 from typing import Any, TextIO
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
@@ -66,15 +71,17 @@ from jqlora.generate import stop_token_ids
 from jqlora.io import load_model, load_tokenizer, save_adapter, save_merged
 from jqlora.nn import Frozen, LoraConfig, NF4Weight, apply_lora, merge_lora, trainable_params
 from jqlora.parallel import distributed
-from jqlora.training.checkpoint import Checkpointer
+from jqlora.training.checkpoint import Checkpointer, is_local
 from jqlora.training.config import ConfigError, TrainConfig, blame
 from jqlora.training.data import BatchIterator, Dataset, load_dataset
+from jqlora.training.dpo import dpo_step, evaluate_preferences
 from jqlora.training.evaluate import eval_loss, exact_match
 from jqlora.training.fingerprint import changed_settings, settings
 from jqlora.training.interrupt import Signalled, StopSignals
 from jqlora.training.metrics_writers import MetricsLog, TensorBoardWriter
 from jqlora.training.optim import make_optimizer, make_schedule, make_tx, nonfinite_counts
 from jqlora.training.plot import plot_run
+from jqlora.training.preference import PairBatches, PreferenceSet, load_preferences
 from jqlora.training.step import train_step
 
 __all__ = ["TrainingError", "TrainingInterrupted", "train"]
@@ -123,9 +130,9 @@ class _Run:
 
   config: TrainConfig
   tokenizer: Any
-  train_set: Dataset
-  eval_set: Dataset | None
-  batches: BatchIterator
+  train_set: Dataset | PreferenceSet
+  eval_set: Dataset | PreferenceSet | None
+  batches: BatchIterator | PairBatches
   total_steps: int
   pad_id: int
   mesh: jax.sharding.Mesh | None
@@ -135,12 +142,16 @@ class _Run:
   schedule: Any = None
 
 
-def _datasets(config: TrainConfig, tokenizer: Any) -> tuple[Dataset, Dataset | None]:
-  kw = dict(fmt=config.dataset_type, sequence_len=config.sequence_len,
-            train_on_inputs=config.train_on_inputs)
-  train_set = load_dataset(config.dataset, tokenizer, **kw)
+def _datasets(config: TrainConfig, tokenizer: Any) -> tuple[Any, Any]:
+  """``(train, held-out or None)``: ``Dataset``s, or ``PreferenceSet``s for ``method: dpo``."""
+  if config.method == "dpo":
+    load = functools.partial(load_preferences, tokenizer=tokenizer, sequence_len=config.sequence_len)
+  else:
+    load = functools.partial(load_dataset, tokenizer=tokenizer, fmt=config.dataset_type,
+                             sequence_len=config.sequence_len, train_on_inputs=config.train_on_inputs)
+  train_set = load(config.dataset)
   if config.eval_dataset:
-    return train_set, load_dataset(config.eval_dataset, tokenizer, **kw)
+    return train_set, load(config.eval_dataset)
   if config.val_set_size > 0:
     size = config.val_set_size
     n = int(size) if size >= 1 else max(1, round(size * len(train_set.records)))
@@ -183,10 +194,10 @@ def _prepare(config: TrainConfig, mesh: jax.sharding.Mesh | None = None) -> _Run
     tokenizer = load_tokenizer(config.base_model)
   pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
   train_set, eval_set = _datasets(config, tokenizer)
-  batches = BatchIterator(train_set.examples, micro_batch_size=config.micro_batch_size,
-                          accumulation=config.gradient_accumulation_steps,
-                          sequence_len=config.sequence_len, packing=config.sample_packing,
-                          seed=config.seed, pad_id=pad_id)
+  shape = dict(micro_batch_size=config.micro_batch_size, accumulation=config.gradient_accumulation_steps,
+               sequence_len=config.sequence_len, seed=config.seed, pad_id=pad_id)
+  batches = (PairBatches(train_set.pairs, **shape) if config.method == "dpo" else
+             BatchIterator(train_set.examples, packing=config.sample_packing, **shape))
   total = config.max_steps or max(1, math.ceil(config.num_epochs * batches.steps_per_epoch()))
   _check_end_of_turn(tokenizer, train_set, pad_id, config.sequence_len)
   return _Run(config, tokenizer, train_set, eval_set, batches, total, pad_id, mesh,
@@ -218,7 +229,8 @@ def _build(run: _Run) -> None:
   trains) and makes the optimizer (sharded over ``run.mesh``)."""
   config = run.config
   model = load_model(config.base_model, quantize=config.load_in_4bit,
-                     dtype=jnp.dtype(config.dtype), mesh=run.mesh)  # straight into shards
+                     quant_type=config.bnb_4bit_quant_type, dtype=jnp.dtype(config.dtype),
+                     mesh=run.mesh)  # straight into shards
   full = config.finetune == "full"
   if full and nnx.state(model, NF4Weight):  # e.g. a bnb-4bit folder, NF4 whatever load_in_4bit says
     raise ConfigError(f"finetune: full needs a float base: base_model {config.base_model} holds "
@@ -242,7 +254,7 @@ def _build(run: _Run) -> None:
   run.model, run.optimizer, run.schedule = model, optimizer, schedule
 
 
-def _read_rows(path: pathlib.Path) -> list[dict[str, Any]]:
+def _read_rows(path: epath.Path) -> list[dict[str, Any]]:
   """The rows of ``metrics.jsonl``; a line torn by a killed process is dropped."""
   rows = []
   for line in path.read_text().splitlines() if path.is_file() else []:
@@ -265,11 +277,11 @@ def _is_final(row: dict[str, Any], step: int) -> bool:
   return ("adapter_dir" in row or "model_dir" in row) and row.get("step") == step
 
 
-def _adapter_saved(adapter_dir: pathlib.Path, finetune: str = "lora") -> bool:
+def _adapter_saved(adapter_dir: epath.Path, finetune: str = "lora") -> bool:
   return all((adapter_dir / name).is_file() for name in _RESULTS[finetune][2])
 
 
-def _complete(rows: list[dict[str, Any]], step: int, adapter_dir: pathlib.Path,
+def _complete(rows: list[dict[str, Any]], step: int, adapter_dir: epath.Path,
               finetune: str = "lora") -> bool:
   """Whether the run at checkpoint ``step`` has been finished: final row and adapter written."""
   done = any(_is_final(r, step) for r in rows) and _adapter_saved(adapter_dir, finetune)
@@ -278,7 +290,7 @@ def _complete(rows: list[dict[str, Any]], step: int, adapter_dir: pathlib.Path,
   return done
 
 
-def _summary_of(rows: list[dict[str, Any]], step: int, adapter_dir: pathlib.Path,
+def _summary_of(rows: list[dict[str, Any]], step: int, adapter_dir: epath.Path,
                 finetune: str = "lora") -> dict[str, Any]:
   """The summary ``train`` returned when it completed the run, from its metrics rows."""
   summary: dict[str, Any] = {"step": step}
@@ -288,8 +300,11 @@ def _summary_of(rows: list[dict[str, Any]], step: int, adapter_dir: pathlib.Path
   before = [r["exact_match"] for r in rows if r.get("step") == 0 and "exact_match" in r]
   if before:
     summary["accuracy_before"] = before[-1]
+  before = [r for r in rows if r.get("step") == 0 and _PREFERENCE in r]
+  if before:
+    summary["preference_before"] = {k: v for k, v in before[-1].items() if k.startswith("eval_")}
   final = [r for r in rows if _is_final(r, step)][-1]
-  summary.update({k: final[k] for k in ("eval_loss", "eval_perplexity") if k in final})
+  summary.update({k: v for k, v in final.items() if k.startswith("eval_")})
   summary[_RESULTS[finetune][0]] = str(adapter_dir)
   if "exact_match" in final:
     summary["accuracy_after"] = final["exact_match"]
@@ -302,10 +317,14 @@ def _recorded(summary: dict[str, Any]) -> str:
       ("loss", "last loss", ".4f"), ("eval_loss", "held-out loss", ".4f"),
       ("accuracy_before", "exact match before", ".1%"),
       ("accuracy_after", "after", ".1%")) if key in summary]
+  if _PREFERENCE in summary:
+    before = summary.get("preference_before", {}).get(_PREFERENCE)
+    parts.append("preference accuracy " + (f"before {before:.1%}, after " if before is not None else "")
+                 + f"{summary[_PREFERENCE]:.1%}")
   return "  recorded: " + (", ".join(parts) if parts else "no metrics")
 
 
-def _cut_metrics(path: pathlib.Path, step: int, redo_final: bool) -> None:
+def _cut_metrics(path: epath.Path, step: int, redo_final: bool) -> None:
   """Keeps the rows up to ``step``, the restored one, and drops its final row when ``redo_final``.
 
   At the last step the only row without ``loss`` is the final one (evaluations
@@ -315,24 +334,32 @@ def _cut_metrics(path: pathlib.Path, step: int, redo_final: bool) -> None:
           and not (redo_final and r.get("step") == step and "loss" not in r)]
   tmp = path.with_name(path.name + ".tmp")
   tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-  os.replace(tmp, path)  # whole: a kill leaves the old file or the new one
+  tmp.replace(path)  # whole: a kill leaves the old file or the new one
 
 
-def _save_adapter(model: nnx.Module, adapter_dir: pathlib.Path, base_model: str,
+def _save_adapter(model: nnx.Module, adapter_dir: epath.Path, base_model: str,
                   tokenizer: Any | None = None) -> None:
   """``save_adapter`` into a temporary folder renamed when complete: never a torn adapter.
 
   With a ``tokenizer`` (``finetune: full``) the whole model is written instead
-  (``save_merged``: a float32 transformers folder with the tokenizer).
+  (``save_merged``: a float32 transformers folder with the tokenizer). A bucket
+  ``adapter_dir`` (``gs://…``) gets the files written in a local folder first.
   """
   tmp = adapter_dir.with_name(adapter_dir.name + ".tmp")
-  shutil.rmtree(tmp, ignore_errors=True)
-  if tokenizer is not None:
-    save_merged(model, tmp, tokenizer)
-  else:
-    save_adapter(model, tmp, base_model_name_or_path=base_model)
+  if tmp.exists():
+    tmp.rmtree()
+  with tempfile.TemporaryDirectory() as staging:
+    folder = tmp if is_local(tmp) else epath.Path(staging)
+    if tokenizer is not None:
+      save_merged(model, folder, tokenizer)
+    else:
+      save_adapter(model, folder, base_model_name_or_path=base_model)
+    if folder != tmp:
+      tmp.mkdir(parents=True)
+      for f in folder.iterdir():
+        (tmp / f.name).write_bytes(f.read_bytes())
   if adapter_dir.exists():
-    shutil.rmtree(adapter_dir)
+    adapter_dir.rmtree()
   tmp.rename(adapter_dir)
 
 
@@ -346,14 +373,17 @@ def _banner(run: _Run, out: TextIO) -> None:
   held = f", {len(run.eval_set.records)} held out" if run.eval_set else ""
   how = ("full fine-tuning" if c.finetune == "full"
          else f"LoRA r={c.lora_r} alpha={c.lora_alpha:g} on {c.lora_target_modules}")
-  print(f"jqlora train: {c.base_model} ({'NF4' if c.load_in_4bit else 'full-precision'} base, "
-        f"{c.dtype} compute), {how}", file=out)
+  dpo = c.method == "dpo"  # a pair takes two rows
+  if dpo:
+    how += f", DPO ({c.dpo_loss} loss, beta {c.beta:g})"
+  base = c.bnb_4bit_quant_type.upper() if c.load_in_4bit else "full-precision"
+  print(f"jqlora train: {c.base_model} ({base} base, {c.dtype} compute), {how}", file=out)
   print(f"  trainable parameters: {trainable:,} of {total:,} ({percent:.3f}%)",
         file=out)
-  print(f"  data: {len(run.train_set.records)} training examples ({run.train_set.fmt}){held}; "
-        f"tokens per step: {c.micro_batch_size} x {c.gradient_accumulation_steps} x "
-        f"{c.sequence_len} = {c.tokens_per_step:,}{' (packed)' if c.sample_packing else ''}",
-        file=out)
+  print(f"  data: {len(run.train_set.records)} training {'pairs' if dpo else 'examples'} "
+        f"({run.train_set.fmt}){held}; tokens per step: {'2 x ' if dpo else ''}{c.micro_batch_size} x "
+        f"{c.gradient_accumulation_steps} x {c.sequence_len} = {(1 + dpo) * c.tokens_per_step:,}"
+        f"{' (packed)' if c.sample_packing else ''}", file=out)
   if run.mesh is not None:
     mesh = " x ".join(f"{k}={v}" for k, v in run.mesh.shape.items())
     print(f"  mesh: {mesh} over {run.mesh.size} devices of {jax.process_count()} process(es)",
@@ -380,13 +410,46 @@ def _accuracy(run: _Run, label: str, out: TextIO) -> float:
   return acc
 
 
-def _eval_loss(run: _Run) -> tuple[float, float]:
+#: The held-out preference accuracy a DPO run reports before and after (the model's own
+#: preference; TRL's ``eval_rewards/accuracies`` starts at 0 with policy == reference).
+_PREFERENCE = "eval_logps/accuracies"
+
+
+def _held_out(run: _Run) -> dict[str, float]:
+  """Held-out metrics (row keys): ``eval_loss`` and ``eval_perplexity``, or for ``method: dpo``
+  ``eval_loss`` (DPO), ``eval_rewards/*`` and ``eval_logps/accuracies``."""
+  c = run.config
   run.model.eval()
   place = None if run.mesh is None else functools.partial(parallel.shard_batch, mesh=run.mesh)
   shards = 1 if run.mesh is None else run.mesh.shape["data"] * run.mesh.shape["fsdp"]
-  return eval_loss(run.model, run.eval_set.examples, batch_size=run.config.eval_batch_size,
-                   sequence_len=run.config.sequence_len, pad_id=run.pad_id, place=place,
-                   multiple_of=shards)
+  kw = dict(batch_size=c.eval_batch_size, sequence_len=c.sequence_len, pad_id=run.pad_id, place=place,
+            multiple_of=shards)
+  if c.method == "dpo":
+    metrics = evaluate_preferences(run.model, run.eval_set.pairs, beta=c.beta, loss_type=c.dpo_loss, **kw)
+    return {f"eval_{k}": v for k, v in metrics.items()}
+  loss, perplexity = eval_loss(run.model, run.eval_set.examples, **kw)
+  return {"eval_loss": loss, "eval_perplexity": perplexity}
+
+
+def _described(metrics: dict[str, float]) -> str:
+  if _PREFERENCE in metrics:
+    return (f"preference accuracy {metrics[_PREFERENCE]:.1%} (log p(chosen) > log p(rejected)), "
+            f"reward accuracy {metrics['eval_rewards/accuracies']:.1%}, margin "
+            f"{metrics['eval_rewards/margins']:.4f}, DPO loss {metrics['eval_loss']:.4f}")
+  return f"loss {metrics['eval_loss']:.4f}, perplexity {metrics['eval_perplexity']:.2f}"
+
+
+def _preference(run: _Run, label: str, out: TextIO) -> dict[str, float]:
+  """Held-out preference accuracy (``_held_out``), printed like the exact-match check."""
+  t = time.perf_counter()
+  metrics = _held_out(run)
+  n = len(run.eval_set.pairs)
+  print(f"held-out preference accuracy {label}: {metrics[_PREFERENCE]:.1%} "
+        f"({round(metrics[_PREFERENCE] * n)}/{n} pairs: log p(chosen) > log p(rejected)); reward "
+        f"accuracy {metrics['eval_rewards/accuracies']:.1%}, margin {metrics['eval_rewards/margins']:.4f}, "
+        f"DPO loss {metrics['eval_loss']:.4f} ({time.perf_counter() - t:.0f}s)", file=out)
+  print(file=out, flush=True)
+  return metrics
 
 
 def train(config: TrainConfig, *, stop_at_step: int | None = None,
@@ -408,6 +471,9 @@ def train(config: TrainConfig, *, stop_at_step: int | None = None,
     ``eval_perplexity``, ``accuracy_before``, ``accuracy_after``, ``adapter_dir``.
     ``output_dir/metrics.jsonl`` gets the logged steps, ``exact_match`` at step 0,
     and a last row with ``adapter_dir`` and the final held-out loss and ``exact_match``.
+    With ``method: dpo`` the held-out metrics are ``_held_out``'s ``eval_*`` keys (the
+    summary's ``eval_logps/accuracies`` and ``eval_rewards/*``, ``preference_before``
+    with those of step 0).
 
   Raises:
     TrainingInterrupted: SIGINT or SIGTERM (see the module docstring); a checkpoint
@@ -476,18 +542,25 @@ def _train(config: TrainConfig, stop_at_step: int | None, out: TextIO | None, si
     ckpt.close()
 
 
-def _metrics_log(config: TrainConfig, metrics_path: pathlib.Path, *, append: bool,
+def _metrics_log(config: TrainConfig, metrics_path: epath.Path, *, append: bool,
                  lead: bool) -> MetricsLog:
   """``metrics.jsonl`` (appended to on resume) and, with ``logging: [.., tensorboard]``, an event file."""
   if not lead:
     return MetricsLog(io.StringIO())
-  tensorboard = (TensorBoardWriter(metrics_path.parent / "tensorboard")
-                 if "tensorboard" in config.logging else None)
+  tensorboard = None
+  if "tensorboard" in config.logging and not is_local(metrics_path):
+    _log.warning("TensorBoard events skipped: they are written to a local output_dir only")
+  elif "tensorboard" in config.logging:
+    tensorboard = TensorBoardWriter(metrics_path.parent / "tensorboard")
   return MetricsLog(metrics_path.open("a" if append else "w"), tensorboard)
 
 
-def _plot(output: pathlib.Path, out: TextIO) -> None:
+def _plot(output: epath.Path, out: TextIO) -> None:
   """``output/loss.png`` from ``metrics.jsonl``; without matplotlib, one warning line instead."""
+  if not is_local(output):
+    _log.warning(f"loss.png skipped: {output} is not a local folder (jqlora plot draws it from "
+                 "a copy of metrics.jsonl)")
+    return
   try:
     path = plot_run(output)
   except ImportError:
@@ -498,9 +571,13 @@ def _plot(output: pathlib.Path, out: TextIO) -> None:
     print(f"loss curve saved to {path}", file=out, flush=True)
 
 
-def _output_dir(path: str) -> pathlib.Path:
-  """``path`` as a folder, created if missing; ConfigError naming ``output_dir`` if it cannot be."""
-  output = pathlib.Path(path)
+def _output_dir(path: str) -> epath.Path:
+  """``path`` (a local path, or a URL orbax accepts such as ``gs://bucket/run``) as a folder,
+  created if missing; ConfigError naming ``output_dir`` if a local one cannot be."""
+  output = epath.Path(path)
+  if not is_local(output):
+    output.mkdir(parents=True, exist_ok=True)
+    return output
   for p in (output, *output.parents):
     if p.exists() and not p.is_dir():
       raise ConfigError(f"output_dir {output}: {p} is a file; expected a folder (or a path to create)")
@@ -538,6 +615,12 @@ def _steps(run: _Run, ckpt: Checkpointer, step: int, stop_at_step: int | None, o
   if exact and step == 0:
     summary["accuracy_before"] = _accuracy(run, "before training", out)
     metrics_log.write({"step": 0, "exact_match": summary["accuracy_before"]})
+  dpo = run.eval_set is not None and config.method == "dpo"
+  if dpo and step == 0:
+    summary["preference_before"] = _preference(run, "before training", out)
+    metrics_log.write({"step": 0, **summary["preference_before"]})
+  step_fn = (functools.partial(dpo_step, beta=config.beta, loss_type=config.dpo_loss)
+             if config.method == "dpo" else train_step)
   end = min(run.total_steps, stop_at_step or run.total_steps)
   bar = tqdm(total=run.total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
              disable=not lead)
@@ -549,7 +632,7 @@ def _steps(run: _Run, ckpt: Checkpointer, step: int, stop_at_step: int | None, o
       batch = next(run.batches)
       t = time.perf_counter()
       placed = batch if run.mesh is None else parallel.shard_batch(batch, run.mesh)
-      metrics = train_step(run.model, run.optimizer, placed)
+      metrics = step_fn(run.model, run.optimizer, placed)
       loss = float(metrics["loss"])
       seconds = time.perf_counter() - t
       in_a_row, skipped = nonfinite_counts(run.optimizer)
@@ -569,15 +652,16 @@ def _steps(run: _Run, ckpt: Checkpointer, step: int, stop_at_step: int | None, o
       row = {"step": step, "loss": loss, "learning_rate": lr,
              "grad_norm": float(metrics["grad_norm"]), "tokens_per_second": tokens_per_s,
              "skipped_steps": skipped}
+      row.update({k: float(v) for k, v in metrics.items() if k.startswith("rewards/")})
       if step % config.logging_steps == 0 or step == end:
         metrics_log.write(row)
       summary.update(step=step, loss=loss)
       stop = signals.requested()
       if (config.eval_steps and step % config.eval_steps == 0 and run.eval_set
           and step < run.total_steps and not stop):
-        e_loss, ppl = _eval_loss(run)
-        bar.write(f"step {step}: eval loss {e_loss:.4f}, perplexity {ppl:.2f}")
-        metrics_log.write({"step": step, "eval_loss": e_loss, "eval_perplexity": ppl})
+        held = _held_out(run)
+        bar.write(f"step {step}: eval {_described(held)}")
+        metrics_log.write({"step": step, **held})
       if (config.save_steps and step % config.save_steps == 0) or step == end or stop:
         if stop:
           print(f"{signal.Signals(stop).name} received: saving a checkpoint at step {step} "
@@ -596,12 +680,13 @@ def _steps(run: _Run, ckpt: Checkpointer, step: int, stop_at_step: int | None, o
     return summary
   final: dict[str, Any] = {"step": step}  # the last metrics row: held-out loss and exact match
   if run.eval_set is not None:
-    e_loss, ppl = _eval_loss(run)
-    print(f"held-out loss {e_loss:.4f}, perplexity {ppl:.2f}", file=out)
-    summary.update(eval_loss=e_loss, eval_perplexity=ppl)
-    final.update(eval_loss=e_loss, eval_perplexity=ppl)
+    held = _preference(run, "after training", out) if dpo else _held_out(run)
+    if not dpo:
+      print(f"held-out {_described(held)}", file=out)
+    summary.update(held)
+    final.update(held)
   key, folder, _ = _RESULTS[config.finetune]
-  adapter_dir = pathlib.Path(config.output_dir) / folder
+  adapter_dir = epath.Path(config.output_dir) / folder
   if run.mesh is not None:  # every process takes part; then any process can read the adapters
     nnx.update(run.model, parallel.replicate(nnx.state(run.model, run.optimizer.wrt), run.mesh))
   full = config.finetune == "full"

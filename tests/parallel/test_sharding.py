@@ -267,9 +267,16 @@ def _worker() -> dict:
   for path, v in jax.tree_util.tree_leaves_with_path(nnx.state(optimizer)):
     if "lora_" in jax.tree_util.keystr(path):
       add("moments", v)
+  # the hidden states are held batch-split; a batch the mesh's rows do not divide still runs
+  fresh, ids = _tiny_model(), batches[0]["input_ids"][:3]
+  want = np.asarray(fresh(ids))
+  placed = parallel.shard_model(_tiny_model(), parallel.make_mesh(data=2, fsdp=2, tensor=2))
+  odd = float(np.max(np.abs(np.asarray(placed(ids)) - want)) / np.max(np.abs(want)))
+  hidden = {"before": fresh.hidden_sharding is None, "spec": list(placed.hidden_sharding.spec),
+            "odd_batch": odd}
   return {"single": single, "sharded": sharded, "shapes": shapes, "totals": totals,
           "per_device": per_device, "toy_single": toy_single, "toy_sharded": toy_sharded,
-          "toy_shapes": toy_shapes}
+          "toy_shapes": toy_shapes, "hidden": hidden}
 
 
 @pytest.fixture(scope="module")
@@ -298,6 +305,13 @@ def test_toy_model_shards_by_its_metadata_and_trains_as_one_device(eight_devices
   shapes = eight_devices["toy_shapes"]
   assert shapes["wi"] == [[128, 32]]  # wi [256, 128/2]: out on tensor, in on fsdp
   assert shapes["wo_lora_a"] == [[128, 4]]  # lora_a [256, 8]: in on tensor, r on fsdp
+
+
+@pytest.mark.slow
+def test_shard_model_holds_hidden_states_split_by_rows(eight_devices):
+  r = eight_devices["hidden"]
+  assert r["before"] and r["spec"] == [["data", "fsdp"]]  # B over data x fsdp, as the batch
+  assert r["odd_batch"] < 1e-5  # B = 3 on 4 row shards: left to XLA, same logits
 
 
 @pytest.mark.slow

@@ -85,6 +85,14 @@ def test_paths_on_the_command_line_resolve_against_the_current_directory(files, 
     load_config(cfg, parse_overrides(["dataset=train.jsonl"]))
 
 
+def test_a_url_output_dir_is_kept_as_given(files):
+  _, cfg = files
+  cfg.write_text(cfg.read_text() + "output_dir: gs://bucket/runs/a\n")
+  assert load_config(cfg).output_dir == "gs://bucket/runs/a"
+  c = load_config(cfg, parse_overrides(["output_dir=gs://other/b"]))
+  assert c.output_dir == "gs://other/b"
+
+
 @pytest.mark.parametrize("text,key,expected", [
     ("2e-4", "learning_rate", 2e-4), ("5E-3", "learning_rate", 5e-3),
     ("-1e-3", "weight_decay", -1e-3), ("1e4", "max_steps", 10000),
@@ -161,8 +169,8 @@ def test_a_format_error_names_the_detected_format_and_the_key_to_set(tmp_path):
   data.write_text('{"instruction": "a", "output": "b"}\n\n{"messages": []}\n')
   with pytest.raises(DataError) as e:
     load_dataset(data, char_tokenizer(), sequence_len=16)
-  assert str(e.value) == (f"{data}:3: expected a string 'instruction' (alpaca format, detected "
-                          "from line 1); set dataset_type: chat|alpaca|text or fix the record")
+  assert str(e.value) == (f"{data}:3: a chat record (keys ['messages']), but line 1 is alpaca: a dataset "
+                          "holds one format; convert the records or split the file")
   with pytest.raises(DataError, match=r"x\.jsonl:1: expected 'messages'.* \(chat format, as "
                                       r"dataset_type says\); set dataset_type"):
     load_dataset(data, char_tokenizer(), fmt="chat", sequence_len=16)

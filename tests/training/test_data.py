@@ -9,10 +9,12 @@ from jqlora.training.data import (
   BatchIterator,
   DataError,
   Example,
+  detect_format,
   encode,
   eval_batches,
   load_dataset,
   read_jsonl,
+  to_messages,
 )
 
 from .toy import char_tokenizer
@@ -50,6 +52,60 @@ def test_chat_trains_every_assistant_turn_only():
                          {"role": "assistant", "content": "a2"}]}
   ex = encode(record, tok, "chat")
   assert _targets(tok, ex) == "a1<|im_end|>\na2<|im_end|>\n"
+
+
+def test_sharegpt_maps_its_speakers_to_roles_and_trains_like_chat():
+  tok = char_tokenizer()
+  turns = [("system", "S"), ("human", "u1"), ("gpt", "a1"), ("user", "u2"), ("model", "a2")]
+  record = {"conversations": [{"from": f, "value": v} for f, v in turns]}
+  chat = {"messages": [{"role": {"human": "user", "gpt": "assistant", "model": "assistant"}.get(f, f),
+                        "content": v} for f, v in turns]}
+  ex, ref = encode(record, tok, "sharegpt"), encode(chat, tok, "chat")
+  np.testing.assert_array_equal(ex.input_ids, ref.input_ids)
+  np.testing.assert_array_equal(ex.labels, ref.labels)
+  assert _targets(tok, ex) == "a1<|im_end|>\na2<|im_end|>\n"
+  as_messages = encode(chat, tok, "sharegpt")  # dataset_type: sharegpt takes role/content messages too
+  np.testing.assert_array_equal(as_messages.labels, ref.labels)
+  assert to_messages(record, "sharegpt") == chat["messages"]
+
+
+def test_prompt_completion_strings_train_the_completion_and_eos_only():
+  tok = char_tokenizer()
+  ex = encode({"prompt": "2+2=", "completion": "4"}, tok, "prompt_completion")
+  assert tok.decode(ex.input_ids) == "2+2=4<|im_end|>"  # raw text: no chat template
+  assert _targets(tok, ex) == "4<|im_end|>"
+  assert (ex.labels[:4] == -100).all()
+  ex_all = encode({"prompt": "2+2=", "completion": "4"}, tok, "prompt_completion", train_on_inputs=True)
+  np.testing.assert_array_equal(ex_all.labels, ex_all.input_ids)
+  with pytest.raises(DataError, match="no chat turns"):
+    to_messages({"prompt": "2+2=", "completion": "4"}, "prompt_completion")
+
+
+def test_conversational_prompt_completion_trains_the_completion_turns_only():
+  tok = char_tokenizer()
+  prompt = [{"role": "user", "content": "u1"}, {"role": "assistant", "content": "a1"},
+            {"role": "user", "content": "u2"}]
+  record = {"prompt": prompt, "completion": [{"role": "assistant", "content": "a2"}]}
+  ex = encode(record, tok, "prompt_completion")
+  assert _targets(tok, ex) == "a2<|im_end|>\n"  # the prompt's assistant turn a1 is masked
+  assert tok.decode(ex.input_ids) == tok.apply_chat_template(prompt + record["completion"], tokenize=False)
+  rendered = tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+  n_prompt = len(tok(rendered, add_special_tokens=False)["input_ids"])
+  assert (ex.labels[:n_prompt] == -100).all() and (ex.labels[n_prompt:] != -100).all()
+  assert to_messages(record, "prompt_completion")[-1] == {"role": "assistant", "content": "a2"}
+
+
+@pytest.mark.parametrize("keys, fmt", [
+    (("prompt", "chosen", "rejected"), "preference"), (("chosen", "rejected"), "preference"),
+    (("prompt", "completion"), "prompt_completion"), (("messages", "text"), "chat"),
+    (("conversations",), "sharegpt"), (("instruction", "output", "text"), "alpaca"), (("text",), "text")])
+def test_detect_format_by_keys(keys, fmt):
+  assert detect_format(dict.fromkeys(keys, "")) == fmt
+
+
+def test_preference_records_are_not_encoded_for_sft():
+  with pytest.raises(DataError, match=r"at:1: preference records .* method: dpo"):
+    encode({"chosen": "a", "rejected": "b"}, char_tokenizer(), "preference", where="at:1")
 
 
 def test_text_is_fully_trained_with_eos():
