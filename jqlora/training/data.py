@@ -24,7 +24,7 @@ from jqlora.training.batch import IGNORE_INDEX
 from jqlora.training.records import DataError, read_jsonl, read_located, read_text
 
 __all__ = ["DataError", "Example", "FORMATS", "read_text", "read_jsonl", "detect_format", "to_messages",
-           "encode", "Dataset", "load_dataset", "BatchIterator", "eval_batches"]
+           "encode", "Dataset", "load_dataset", "EpochOrder", "BatchIterator", "eval_batches"]
 
 #: The ``dataset_type`` values besides "auto"; "preference" records train with ``method: dpo``.
 FORMATS = ("alpaca", "chat", "sharegpt", "prompt_completion", "text", "preference")
@@ -346,6 +346,41 @@ def _rows_to_batch(rows: Sequence[Sequence[Example]], seq_len: int, pad_id: int)
   return out
 
 
+class EpochOrder:
+  """Indices ``0 .. n-1`` in a new seeded order each epoch, resumable exactly.
+
+  ``state()`` is ``{"epoch", "index"}`` (the next position in that epoch's order).
+  """
+
+  def __init__(self, n: int, seed: int):
+    self.n, self.seed = n, seed
+    self.restore({"epoch": 0, "index": 0})
+
+  def permutation(self, epoch: int) -> np.ndarray:
+    """Epoch ``epoch``'s order, int64 ``[n]``."""
+    return np.random.default_rng([self.seed, epoch]).permutation(self.n)
+
+  def state(self) -> dict[str, int]:
+    return {"epoch": self.epoch, "index": self.index}
+
+  def restore(self, state: dict[str, int]) -> None:
+    self.epoch, self.index = int(state["epoch"]), int(state["index"])
+    self._order = self.permutation(self.epoch)
+
+  def peek(self) -> int:
+    """The index ``take()`` returns next."""
+    if self.index == self.n:
+      return int(self.permutation(self.epoch + 1)[0])
+    return int(self._order[self.index])
+
+  def take(self) -> int:
+    """The next index, moving to the next epoch's order after the last."""
+    if self.index == self.n:
+      self.restore({"epoch": self.epoch + 1, "index": 0})
+    self.index += 1
+    return int(self._order[self.index - 1])
+
+
 class BatchIterator(Iterator[dict[str, np.ndarray]]):
   """Endless, seeded, resumable batches of ``[A, B, T]`` int32 arrays.
 
@@ -361,33 +396,21 @@ class BatchIterator(Iterator[dict[str, np.ndarray]]):
       raise DataError("the training set is empty")
     self.examples = examples
     self.shape = (accumulation, micro_batch_size, sequence_len)
-    self.packing, self.seed, self.pad_id = packing, seed, pad_id
-    self.epoch, self.index = 0, 0
-    self._order = self._permutation(0)
-
-  def _permutation(self, epoch: int) -> np.ndarray:
-    return np.random.default_rng([self.seed, epoch]).permutation(len(self.examples))
+    self.packing, self.pad_id = packing, pad_id
+    self.order = EpochOrder(len(examples), seed)
 
   def state(self) -> dict[str, int]:
     """The position: ``{"epoch", "index"}`` (next example in that epoch's order)."""
-    return {"epoch": self.epoch, "index": self.index}
+    return self.order.state()
 
   def restore(self, state: dict[str, int]) -> None:
-    self.epoch, self.index = int(state["epoch"]), int(state["index"])
-    self._order = self._permutation(self.epoch)
+    self.order.restore(state)
 
   def _take(self) -> Example:
-    if self.index == len(self._order):
-      self.epoch, self.index = self.epoch + 1, 0
-      self._order = self._permutation(self.epoch)
-    ex = self.examples[self._order[self.index]]
-    self.index += 1
-    return ex
+    return self.examples[self.order.take()]
 
   def _peek_len(self) -> int:
-    if self.index == len(self._order):
-      return len(self.examples[self._permutation(self.epoch + 1)[0]])
-    return len(self.examples[self._order[self.index]])
+    return len(self.examples[self.order.peek()])
 
   def _row(self) -> list[Example]:
     row = [self._take()]
@@ -406,7 +429,7 @@ class BatchIterator(Iterator[dict[str, np.ndarray]]):
     """Optimizer steps that cover one epoch (exact without packing, from epoch 0 with it)."""
     a, b, t = self.shape
     n_rows, used = 0, t + 1
-    for i in self._permutation(0):
+    for i in self.order.permutation(0):
       n = len(self.examples[i])
       if not self.packing or used + n > t:
         n_rows, used = n_rows + 1, 0

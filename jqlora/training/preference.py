@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from jqlora.training.batch import IGNORE_INDEX
-from jqlora.training.data import Example, eval_batches
+from jqlora.training.data import EpochOrder, Example, eval_batches
 from jqlora.training.records import DataError, read_located
 
 __all__ = ["Pair", "PreferenceSet", "PairBatches", "split_prompt", "encode_pair", "load_preferences"]
@@ -203,28 +203,19 @@ class PairBatches(Iterator[dict[str, np.ndarray]]):
                sequence_len: int, seed: int, pad_id: int = 0):
     if not pairs:
       raise DataError("the training set is empty")
-    self.pairs, self.seed, self.pad_id = pairs, seed, pad_id
+    self.pairs, self.pad_id = pairs, pad_id
     self.shape = (accumulation, micro_batch_size, sequence_len)
-    self.epoch, self.index = 0, 0
-    self._order = self._permutation(0)
-
-  def _permutation(self, epoch: int) -> np.ndarray:
-    return np.random.default_rng([self.seed, epoch]).permutation(len(self.pairs))
+    self.order = EpochOrder(len(pairs), seed)
 
   def state(self) -> dict[str, int]:
     """The position: ``{"epoch", "index"}`` (next pair in that epoch's order)."""
-    return {"epoch": self.epoch, "index": self.index}
+    return self.order.state()
 
   def restore(self, state: dict[str, int]) -> None:
-    self.epoch, self.index = int(state["epoch"]), int(state["index"])
-    self._order = self._permutation(self.epoch)
+    self.order.restore(state)
 
   def _take(self) -> Pair:
-    if self.index == len(self._order):
-      self.epoch, self.index = self.epoch + 1, 0
-      self._order = self._permutation(self.epoch)
-    self.index += 1
-    return self.pairs[self._order[self.index - 1]]
+    return self.pairs[self.order.take()]
 
   def __next__(self) -> dict[str, np.ndarray]:
     a, b, t = self.shape

@@ -123,3 +123,20 @@ def test_full_run_through_the_cli_resumes_exactly_and_writes_the_whole_model(dat
 
   assert main(["train", *args, f"output_dir={tmp_path / 'whole'}"]) == 0  # complete: nothing to do
   assert "already complete" in capsys.readouterr().out
+
+
+@pytest.mark.slow  # ~10 s: one step of the tiny Llama through train()
+@pytest.mark.parametrize("quant_type", ["fp4", "int4"])
+def test_bnb_4bit_quant_type_chooses_the_base_code_table(data_dir, tmp_path, monkeypatch, quant_type):
+  from jqlora.format import NF4Tensor
+  from jqlora.training import loop
+
+  built = []
+  load = loop.load_model
+  monkeypatch.setattr(loop, "load_model", lambda *a, **kw: built.append(load(*a, **kw)) or built[-1])
+  values = _values(tmp_path, base_model=str(tiny_model_dir(data_dir, tmp_path)), max_steps=1,
+                   bnb_4bit_quant_type=quant_type)
+  assert train(load_config(None, values))["step"] == 1
+  weights = [x for x in jax.tree.leaves(nnx.state(built[0]), is_leaf=lambda v: isinstance(v, NF4Tensor))
+             if isinstance(x, NF4Tensor)]
+  assert weights and {w.quant_type for w in weights} == {quant_type}
