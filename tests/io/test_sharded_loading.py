@@ -60,6 +60,26 @@ def test_safetensors_slices_read_only_their_bytes(tmp_path):
     f.read("c", shape=(2, 4))
 
 
+
+def test_shard_quantization_runs_one_program_in_chunks_equal_to_whole_tensors(monkeypatch):
+  from jqlora.format import quantize_4bit
+  from jqlora.io import sharded
+  from jqlora.models.builder import BuildSettings
+
+  monkeypatch.setattr(sharded, "_CHUNK_BLOCKS", 4)  # 3 blocks a row: chunks cross rows, last partial
+  rng = np.random.default_rng(0)
+  settings = BuildSettings(dtype=ml_dtypes.bfloat16, quant_type="nf4")
+  before = None
+  for rows, cols in ((7, 192), (5, 64), (2, 256)):
+    x = rng.standard_normal((rows, cols)).astype(ml_dtypes.bfloat16)
+    packed, absmax = np.empty((rows, cols // 2), np.uint8), np.empty((rows, cols // 64), np.float32)
+    sharded._quantize_block(x, settings, 64, packed, absmax)
+    want = quantize_4bit(x, "nf4", 64, False)
+    assert packed.tobytes() == np.asarray(want.packed).tobytes()
+    assert absmax.tobytes() == np.asarray(want.absmax).tobytes()
+    before = before or sharded._quantize_chunk._cache_size()
+  assert sharded._quantize_chunk._cache_size() == before  # one compiled program for every shape
+
 @pytest.mark.slow  # dequantizes every bitsandbytes weight
 def test_sources_slice_like_their_whole_tensors(data_dir):
   for source in (HFSource(data_dir / "hf" / "tiny-llama" / "base-bnb-nf4"),
