@@ -50,6 +50,8 @@ bench: $(VENV)/.test
 	$(BIN)/python benchmarks/bench_kernels.py
 	$(BIN)/python benchmarks/compare_peers.py
 	$(BIN)/python benchmarks/quant_quality.py
+	$(BIN)/python benchmarks/finetune_quality.py
+	$(BIN)/python benchmarks/bench_dpo.py
 
 clean:  # the environment, caches, and what runs and builds leave: outputs/ (jqlora train), runs/
 	rm -rf $(VENV) .pytest_cache .hypothesis .ruff_cache .import_linter_cache outputs runs build \
