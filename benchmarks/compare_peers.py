@@ -104,28 +104,32 @@ class Setting:
   weight_decay: float = 0.0
   seed: int = 0
   remat: bool = False
+  #: without ``remat``, the jqlora stacks' ``Llama.remat``: "selective" (keep the projections,
+  #: recompute norms, RoPE, softmax and SwiGLU; no matmul recomputed) or "all" (XLA keeps all)
+  jqlora_saves: str = "selective"
 
 
 def presets(args: argparse.Namespace) -> list[Setting]:
   """The settings a command line asks for (``--curves``: the sequence curve, then the model one)."""
+  same = dict(remat=args.remat, jqlora_saves=args.jqlora_saves)
   if args.smoke:
-    return [Setting(SMOLLM2, batch=1, seq=32, steps=5, warmup=1, remat=args.remat)]
+    return [Setting(SMOLLM2, batch=1, seq=32, steps=5, warmup=1, **same)]
   if args.quick:
-    return [Setting(SMOLLM2, batch=2, seq=64, steps=6, warmup=2, remat=args.remat)]
+    return [Setting(SMOLLM2, batch=2, seq=64, steps=6, warmup=2, **same)]
   if args.curves:
     steps = args.steps or 6
     warmup = min(2, steps - 1)
     tokens = args.curve_tokens
     seqs = [Setting(SMOLLM2, batch=max(1, tokens // t), seq=t, steps=steps, warmup=warmup,
-                    remat=args.remat) for t in args.curve_seqs]
+                    **same) for t in args.curve_seqs]
     sizes = [Setting(m, batch=args.batch or 4, seq=128, steps=steps, warmup=warmup,
-                     remat=args.remat) for m in args.curve_models]
+                     **same) for m in args.curve_models]
     return seqs + [s for s in sizes if s not in seqs]
   if args.big:
     return [Setting(BIG, batch=args.batch or 1, seq=128, steps=args.steps or 4, warmup=1,
-                    remat=args.remat)]
+                    **same)]
   return [Setting(SMOLLM2, batch=args.batch or 4, seq=128, steps=args.steps or 12, warmup=2,
-                  remat=args.remat)]
+                  **same)]
 
 
 def model_flops(c: dict, s: Setting) -> dict:
@@ -240,7 +244,7 @@ def run_jqlora(spec: dict) -> dict:
     config = jqlora.LoraConfig(r=s.r, alpha=s.alpha, target_modules="all-linear")
     jqlora.apply_lora(model, config, rngs=nnx.Rngs(s.seed))
     jqlora.save_adapter(model, adapter)
-  model.remat = s.remat
+  model.remat = True if s.remat else "selective" if s.jqlora_saves == "selective" else False
   tx = optax.adamw(s.lr, b1=s.betas[0], b2=s.betas[1], eps=s.eps, weight_decay=s.weight_decay)
   optimizer = jqlora.make_optimizer(model, tx)
   ids = _token_batch(s, model.config.vocab_size)
@@ -738,7 +742,9 @@ def _title(r: dict) -> str:
   s = r["setting"]
   return (f"{s['model']}: batch {s['batch']} x {s['seq']}, LoRA r={s['r']} alpha={s['alpha']} "
           f"all-linear, AdamW lr={s['lr']}, {r['dtype']}, {s['steps']} steps ({s['warmup']} warm-up)"
-          + (", activation checkpointing in every stack" if s["remat"] else ""))
+          + (", activation checkpointing in every stack" if s["remat"] else
+             ", jqlora with selective checkpointing (no matmul recomputed), the others without"
+             if s.get("jqlora_saves") == "selective" else ""))
 
 
 def _run_tables(r: dict, gpu: bool) -> list[str]:
@@ -917,6 +923,10 @@ def main(argv: list[str] | None = None, stem: str = "compare_peers",
                     help="sequence-length curve (SmolLM2) and model-size curve (135M/360M/1.1B)")
   parser.add_argument("--remat", action="store_true",
                       help="activation checkpointing per layer in every stack")
+  parser.add_argument("--jqlora-saves", choices=("selective", "all"), default="selective",
+                      help="without --remat, what the jqlora stacks keep for the backward pass: "
+                           "'selective' (Llama.remat='selective', no matmul recomputed; the "
+                           "default) or 'all' (Llama.remat=False)")
   parser.add_argument("--batch", type=int, help="sequences per step (default 4; --big: 1)")
   parser.add_argument("--steps", type=int, help="steps, warm-up included (default 12; --big: 4)")
   parser.add_argument("--stacks", default=",".join(default_stacks),
@@ -947,6 +957,7 @@ def main(argv: list[str] | None = None, stem: str = "compare_peers",
   gpu = _probe_gpu(env)
   suffix = ("_smoke" if args.smoke else "_quick" if args.quick else "_big" if args.big
             else "_curves" if args.curves else "") + ("_remat" if args.remat else "") \
+      + ("_saveall" if args.jqlora_saves == "all" and not args.remat else "") \
       + ("_gpu" if gpu else "")
   report = {"machine": {**machine_info(gpu), "omp_wait_policy": env["OMP_WAIT_POLICY"]}, "runs": [],
             "curve_tokens": args.curve_tokens, "curve_models": args.curve_models,

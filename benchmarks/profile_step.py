@@ -58,13 +58,15 @@ class Variant:
   env: tuple[tuple[str, str], ...] = ()
   quantize: bool = True
   dtype: str = "float32"
-  remat: bool = False
+  remat: bool | str = False
   policy: str | None = None  # a jax.checkpoint_policies name, with remat
   loss_chunk: int | None = None
   batch: int = 4
   seq: int = 128
 
 
+JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
+TCMALLOC = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
 VARIANTS = {
     "qlora": Variant("the default: NF4 base, XLA decode + dot (nf4_matmul 'xla'), einsum attention"),
     "lora": Variant("float base (load_model(quantize=False))", quantize=False),
@@ -84,8 +86,19 @@ VARIANTS = {
     "qlora-xnn-greedy": Variant("XNNPACK graph fusion (greedy)",
                                 env=(("XLA_FLAGS", "--xla_cpu_experimental_xnn_graph_fusion_mode="
                                       "XNN_GRAPH_FUSION_MODE_GREEDY"),)),
+    "qlora-jemalloc": Variant("jemalloc (Debian's libjemalloc2) instead of glibc malloc",
+                              env=(("LD_PRELOAD", JEMALLOC),)),
+    "qlora-tcmalloc": Variant("tcmalloc (Debian's libtcmalloc-minimal4) instead of glibc malloc",
+                              env=(("LD_PRELOAD", TCMALLOC),)),
+    "lora-jemalloc": Variant("float base, jemalloc", quantize=False,
+                             env=(("LD_PRELOAD", JEMALLOC),)),
     "qlora-chunk256": Variant("chunked LM-head loss, 256 tokens", loss_chunk=256),
     "qlora-remat": Variant("per-layer checkpointing (recompute everything)", remat=True),
+    "qlora-selective": Variant("checkpointing that saves the projections, attention output and "
+                               "mid-layer residual; recomputes norms, RoPE, softmax, SwiGLU",
+                               remat="selective"),
+    "lora-selective": Variant("float base, selective checkpointing", quantize=False,
+                              remat="selective"),
     "qlora-remat-dots": Variant("checkpointing saving dots without batch dims", remat=True,
                                 policy="dots_with_no_batch_dims_saveable"),
     "qlora-2048": Variant("1 x 2048, einsum attention", batch=1, seq=2048,
@@ -422,11 +435,18 @@ def _profile(compiled, state, opt_state, batch, trace_dir: str) -> dict:
 
 # -- the parent ------------------------------------------------------------------------
 
+def _process_env(v: Variant) -> tuple[tuple[str, str], ...]:
+  """The variables of ``v.env`` that act on the whole process (all but the backend, which is
+  read when a step is traced): variants differing in them run in different processes."""
+  from jqlora.ops.registry import ENV_VAR
+  return tuple((k, val) for k, val in v.env if k != ENV_VAR)
+
+
 def _run_child(names: list[str], steps: int, profiled: set[str]) -> list[dict]:
-  flags = dict(VARIANTS[names[0]].env).get("XLA_FLAGS")
   env = {**os.environ, "HF_HUB_OFFLINE": "1", "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
-  if flags:
-    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {flags}".strip()
+  for key, value in _process_env(VARIANTS[names[0]]):
+    joined = key == "XLA_FLAGS" and env.get(key)
+    env[key] = f"{env[key]} {value}" if joined else value
   with tempfile.TemporaryDirectory(prefix="jqlora_profile_") as tmp:
     out = pathlib.Path(tmp) / "result.json"
     cmd = [sys.executable, __file__, "--child", ",".join(names), "--steps", str(steps),
@@ -483,6 +503,7 @@ def main(argv: list[str] | None = None) -> None:
                       + ", ".join(PROFILED))
   parser.add_argument("--list", action="store_true", help="print the variants and exit")
   parser.add_argument("--out-dir", default=str(pathlib.Path(__file__).parent / "results"))
+  parser.add_argument("--note", help="a remark kept in the JSON: what else ran on the machine")
   parser.add_argument("--child", help=argparse.SUPPRESS)
   parser.add_argument("--out", help=argparse.SUPPRESS)
   parser.add_argument("--profiled", default="", help=argparse.SUPPRESS)
@@ -500,14 +521,13 @@ def main(argv: list[str] | None = None) -> None:
   unknown = [n for n in names if n not in VARIANTS]
   if unknown:
     parser.error(f"unknown variants {unknown}; --list shows them")
-  report = {"machine": machine_info(), "shared_machine": (
-      "the 2 cores were shared with other work (4 other helpers' jobs); the load average per "
-      "variant says how much: absolute times are pessimistic, ratios between variants hold only "
-      "as far as the load was steady"), "steps": args.steps, "results": []}
-  groups: dict[tuple, list[str]] = {}  # one process per set of XLA flags and batch shape
+  report = {"machine": machine_info(), "steps": args.steps, "results": []}
+  if args.note:
+    report["note"] = args.note
+  groups: dict[tuple, list[str]] = {}  # one process per process environment and batch shape
   for name in names:
     v = VARIANTS[name]
-    groups.setdefault((dict(v.env).get("XLA_FLAGS"), v.batch, v.seq), []).append(name)
+    groups.setdefault((_process_env(v), v.batch, v.seq), []).append(name)
   profiled = set(PROFILED) | (set(names) if args.profile else set())
   for group in groups.values():
     print(f"running {', '.join(group)} ...", file=sys.stderr, flush=True)

@@ -250,6 +250,9 @@ def _plan_parser() -> argparse.ArgumentParser:
                   help="recompute each layer in the backward pass, as gradient_checkpointing: "
                        "true (default: the config's gradient_checkpointing, else "
                        f"{'on' if d.gradient_checkpointing else 'off'}, as jqlora train)")
+  ap.add_argument("--selective", dest="checkpointing", action="store_const", const="selective",
+                  help="selective checkpointing, as gradient_checkpointing: selective (keep "
+                       "the projections, recompute norms, RoPE, softmax and SwiGLU)")
   ap.add_argument("--dtype", choices=sorted(budget.DTYPE_BYTES),
                   help=f"compute dtype of activations and float weights (default: the config's "
                        f"dtype, else {d.dtype})")

@@ -101,6 +101,7 @@ def test_model_flops_counts_base_adapters_and_attention():
 
 def test_curves_keep_batch_times_length_and_add_the_model_sizes():
   args = argparse.Namespace(smoke=False, quick=False, big=False, curves=True, remat=False,
+                            jqlora_saves="selective",
                             steps=None, batch=None, curve_tokens=2048,
                             curve_seqs=[128, 512, 1024, 2048], curve_models=list(compare_peers.CURVE_MODELS))
   settings = compare_peers.presets(args)

@@ -13,12 +13,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from jqlora.models.config import LlamaConfig
 from jqlora.nn import Frozen, Linear
 from jqlora.ops import attention
 
-__all__ = ["rope_inv_freq", "rope", "RMSNorm", "Attention", "MLP", "Block"]
+__all__ = ["rope_inv_freq", "rope", "RMSNorm", "Attention", "MLP", "Block", "SELECTIVE_SAVES"]
+
+#: ``jax.ad_checkpoint.checkpoint_name`` tags a layer puts on the values that selective
+#: checkpointing (``Llama.remat = "selective"``) keeps for the backward pass: every projection
+#: whose output a nonlinear op reads (q, k, v, gate, up), the attention output and the residual
+#: stream between attention and MLP. Norms, RoPE, the softmax, SwiGLU and the adapters' rank-r
+#: products are recomputed from them; no frozen matmul is.
+SELECTIVE_SAVES = ("q_proj", "k_proj", "v_proj", "attention", "attention_residual", "gate_proj",
+                   "up_proj")
 
 
 def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
@@ -77,13 +86,15 @@ class Attention(nnx.Module):
     ``(k, v)`` ``[B, S, KV, Dh]`` written at ``index``. Returns ``(out [B, T, D], (k, v))``."""
     b, t, _ = x.shape
     h, kvh, dh = self.num_heads, self.num_kv_heads, self.head_dim
-    q = rope(self.q_proj(x, rng=rngs[0]).reshape(b, t, h, dh), cos, sin)
-    k = rope(self.k_proj(x, rng=rngs[1]).reshape(b, t, kvh, dh), cos, sin)
-    v = self.v_proj(x, rng=rngs[2]).reshape(b, t, kvh, dh)
+    q = rope(checkpoint_name(self.q_proj(x, rng=rngs[0]), "q_proj").reshape(b, t, h, dh), cos, sin)
+    k = rope(checkpoint_name(self.k_proj(x, rng=rngs[1]), "k_proj").reshape(b, t, kvh, dh), cos,
+             sin)
+    v = checkpoint_name(self.v_proj(x, rng=rngs[2]), "v_proj").reshape(b, t, kvh, dh)
     if kv is not None:
       k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, index, 0, 0))
       v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, index, 0, 0))
-    out = attention(q.astype(x.dtype), k, v, mask).reshape(b, t, h * dh)
+    out = checkpoint_name(attention(q.astype(x.dtype), k, v, mask).reshape(b, t, h * dh),
+                          "attention")
     return self.o_proj(out, rng=rngs[3]), (k, v)
 
 
@@ -94,7 +105,8 @@ class MLP(nnx.Module):
     self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
 
   def __call__(self, x, rngs=(None,) * 3):
-    h = jax.nn.silu(self.gate_proj(x, rng=rngs[0])) * self.up_proj(x, rng=rngs[1])
+    gate = checkpoint_name(self.gate_proj(x, rng=rngs[0]), "gate_proj")
+    h = jax.nn.silu(gate) * checkpoint_name(self.up_proj(x, rng=rngs[1]), "up_proj")
     return self.down_proj(h, rng=rngs[2])
 
 
@@ -109,6 +121,6 @@ class Block(nnx.Module):
   def __call__(self, x, cos, sin, mask, kv=None, index=None, rng=None):
     rngs = (None,) * 7 if rng is None else tuple(jax.random.split(rng, 7))
     attn, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, index, rngs[:4])
-    x = x + attn
+    x = checkpoint_name(x + attn, "attention_residual")
     return x + self.mlp(self.post_attention_layernorm(x), rngs[4:]), kv
 

@@ -20,8 +20,9 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from jqlora.models.config import LlamaConfig
-from jqlora.models.layers import Block, RMSNorm, rope_inv_freq
+from jqlora.models.layers import SELECTIVE_SAVES, Block, RMSNorm, rope_inv_freq
 from jqlora.nn import Frozen, Linear, LoRALinear, axes
+from jqlora.ops import matmul_wt
 
 __all__ = ["KVCache", "Llama", "EMBED_AXES"]
 
@@ -79,7 +80,13 @@ class Llama(nnx.Module):
   Attributes:
     config: the ``LlamaConfig``.
     dtype: compute dtype (adapters stay float32).
-    remat: recompute each layer in the backward pass (gradient checkpointing).
+    remat: what the backward pass recomputes. False (the default): nothing, XLA keeps
+      every intermediate it needs; ``"selective"``: each layer keeps only its
+      projections, attention output and mid-layer residual (``SELECTIVE_SAVES``) and
+      recomputes its norms, RoPE, softmax, SwiGLU and adapter products, no frozen matmul
+      (on a CPU both faster and about half the saved activations,
+      ``benchmarks/profile_step.py``); True: the whole layer from its input (gradient
+      checkpointing).
     loss_chunk_size: tokens per chunk of the training loss's LM head and
       cross-entropy (``jqlora.train_step`` never holds the whole ``[B, T, vocab]``
       logits), or None (the default) for the whole batch at once (see
@@ -186,7 +193,12 @@ class Llama(nnx.Module):
       h, kv = layer(h, cos, sin, mask, kv, start, key)
       return self._hold(h), kv if cache is not None else None
 
-    if self.remat:
+    if isinstance(self.remat, str):
+      if self.remat != "selective":
+        raise ValueError(f"Llama.remat must be False, True or 'selective', got {self.remat!r}")
+      policy = jax.checkpoint_policies.save_only_these_names(*SELECTIVE_SAVES)
+      body = jax.checkpoint(body, policy=policy)
+    elif self.remat:
       body = jax.checkpoint(body)
     kvs = None if cache is None else (cache.k, cache.v)
     x, new_kv = jax.lax.scan(body, x, (state, kvs, keys))
@@ -221,7 +233,7 @@ class Llama(nnx.Module):
     """The LM head (tied to the embeddings or not): ``hidden [..., hidden]`` (after the
     final norm) -> float32 logits ``[..., vocab]``."""
     if self.lm_head is None:
-      logits = hidden @ self.embed_tokens.get_value().astype(hidden.dtype).T
+      logits = matmul_wt(hidden, self.embed_tokens.get_value().astype(hidden.dtype))
     else:
       logits = self.lm_head(hidden)
     return logits.astype(jnp.float32)

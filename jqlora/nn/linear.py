@@ -22,7 +22,7 @@ from jqlora.format import NF4Tensor, dequantize_reference
 from jqlora.nn import lora as lora_lib
 from jqlora.nn.variables import AdapterIndex, AdapterWeight, Frozen, LoRAScale, NF4Weight
 from jqlora.nn.variables import axes as variables_axes
-from jqlora.ops import dequantize_nf4, nf4_matmul
+from jqlora.ops import dequantize_nf4, matmul_wt, nf4_matmul
 
 __all__ = ["Linear", "LoRALinear", "QLoRALinear", "AdapterBank", "AdapterInfo", "base_matmul",
            "dense_weight", "batch_shape", "dora_norm"]
@@ -33,14 +33,14 @@ Axes = tuple[str | None, str | None]
 def _nf4_matmul(x: jax.Array, w: NF4Tensor) -> jax.Array:
   if w.row_aligned:
     return nf4_matmul(x, w)
-  return x @ dequantize_nf4(w, x.dtype).T  # blocks straddle rows: no kernel layout
+  return matmul_wt(x, dequantize_nf4(w, x.dtype))  # blocks straddle rows: no kernel layout
 
 
 def base_matmul(x: jax.Array, w: NF4Tensor | jax.Array) -> jax.Array:
   """``x @ w.T`` in ``x.dtype`` for a float ``[out, in]`` or NF4 base weight."""
   if isinstance(w, NF4Tensor):
     return _nf4_matmul(x, w)
-  return x @ w.astype(x.dtype).T
+  return matmul_wt(x, w.astype(x.dtype))
 
 
 def dense_weight(w: NF4Tensor | jax.Array, dtype=None) -> jax.Array:

@@ -27,9 +27,19 @@ from jqlora.ops.registry import Implementation, Op
 from pallas_kernels import nf4_matmul as nf4_matmul_kernels
 from pallas_kernels.nf4_matmul import check_operands, matmul_reference, matmul_transposed_reference
 
-__all__ = ["NF4_MATMUL", "nf4_matmul"]
+__all__ = ["NF4_MATMUL", "matmul_wt", "nf4_matmul"]
 
 Kernel = Callable[[jax.Array, NF4Tensor], jax.Array]
+
+
+def matmul_wt(x: jax.Array, w: jax.Array) -> jax.Array:
+  """``x @ w.T`` for ``x [..., in]`` and a float ``w [out, in]`` (same dtype) -> ``[..., out]``.
+
+  One ``dot_general`` contracting ``w``'s last axis, never ``w.T`` as a value: inside a
+  scanned layer loop, a transposed frozen weight would be a residual of the backward pass,
+  copied into a ``[layers, in, out]`` stack on every step.
+  """
+  return jax.lax.dot_general(x, w, (((x.ndim - 1,), (w.ndim - 1,)), ((), ())))
 
 
 def _differentiable(forward: Kernel, transposed: Kernel) -> Kernel:

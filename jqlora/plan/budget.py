@@ -63,6 +63,12 @@ _SAVED = {"dq": 2.8, "kv": 2.2, "i": 6.2, "scores": 2.0}  # kept per layer, no c
 _WORK = {"dq": 4.8, "kv": 1.6, "i": 7.1, "scores": 2.2, "P": 0.8, "logits": 0.25}
 _SAVED_REMAT = {"x": 1.0}  # the layer inputs, with checkpointing
 _WORK_REMAT = {"dq": 3.0, "kv": 1.3, "i": 12.0, "scores": 3.5, "P": 1.1, "logits": 0.0}
+# selective checkpointing keeps, per layer, the input and mid-layer residual (2 d), q and the
+# attention output (2 q), k, v (2 kv), gate and up (2 i): models.layers.SELECTIVE_SAVES
+_SAVED_SELECTIVE = {"dq": 2.0, "kv": 2.0, "i": 2.0}
+# its working set: per-layer checkpointing's, less the SwiGLU intermediates it does not rebuild
+# (fixed on test_plan's two shapes, checked on a third: within 1.5 %)
+_WORK_SELECTIVE = {**_WORK_REMAT, "i": 5.0}
 _LOGITS_COPIES = 2  # float32 logits and their gradient, live together at the loss
 # LoRA dropout: the random bits (uint32) and the float32 dropped-out input of every linear of
 # one layer, in the working set (read off XLA:CPU's buffer assignment, with checkpointing).
@@ -82,8 +88,9 @@ class Plan:
     frozen_weights: embeddings, LM head, norms and biases in the base dtype.
     adapters, gradients: LoRA weights and their gradients.
     optimizer: Adam's two float32 moments (0 when offloaded/paged to the host).
-    activations_full / activations_checkpointed: activations of one step without
-      and with per-layer checkpointing; ``activations`` is the chosen one.
+    activations_full / activations_checkpointed / activations_selective: activations
+      of one step without, with per-layer and with selective checkpointing;
+      ``activations`` is the chosen one.
     total: the sum of the above with the chosen activations.
     memory_per_device: the budget; ``fits``: ``total <= memory_per_device``.
     lora_r, target_modules: the adapters' rank and the decoder linears adapted.
@@ -99,7 +106,7 @@ class Plan:
   batch: int
   seq: int
   tokens_per_device: int
-  checkpointing: bool
+  checkpointing: bool | str
   nf4_weights: int
   nf4_scales: int
   frozen_weights: int
@@ -108,6 +115,7 @@ class Plan:
   optimizer: int
   activations_full: int
   activations_checkpointed: int
+  activations_selective: int
   memory_per_device: int | None
   lora_r: int = 8
   target_modules: tuple[str, ...] = _LINEARS
@@ -120,6 +128,8 @@ class Plan:
 
   @property
   def activations(self) -> int:
+    if self.checkpointing == "selective":
+      return self.activations_selective
     return self.activations_checkpointed if self.checkpointing else self.activations_full
 
   @property
@@ -199,7 +209,7 @@ def plan(model: LlamaConfig | Mapping[str, Any] | str | pathlib.Path, *, devices
          memory_per_device: int | str | None = None, batch: int = 1, seq: int = 512,
          lora_r: int = 8, target_modules: str | Sequence[str] = "all-linear",
          data: int | None = None, fsdp: int | None = None, tensor: int = 1,
-         checkpointing: bool = False, dtype: str = "bfloat16", base_dtype: str | None = None,
+         checkpointing: bool | str = False, dtype: str = "bfloat16", base_dtype: str | None = None,
          adapter_dtype: str = "float32", block_size: int = 64, double_quant: bool = True,
          optimizer_offload: bool = False, lora_dropout: float = 0.0,
          upcast_matmuls: bool = False) -> Plan:
@@ -218,7 +228,8 @@ def plan(model: LlamaConfig | Mapping[str, Any] | str | pathlib.Path, *, devices
     data, fsdp, tensor: the mesh; by default all devices beyond ``tensor`` go to
       ``fsdp`` (the frozen weights are split across every device).
     checkpointing: recompute each layer in the backward pass (training's
-      ``gradient_checkpointing``, off by default there too).
+      ``gradient_checkpointing``, off by default there too); ``"selective"``: keep
+      only the values ``Llama.remat = "selective"`` keeps.
     dtype: compute dtype of the activations; base_dtype: of the float frozen
       weights (default ``dtype``); adapter_dtype: of adapters and gradients.
     block_size, double_quant: NF4 settings.
@@ -293,6 +304,8 @@ def plan(model: LlamaConfig | Mapping[str, Any] | str | pathlib.Path, *, devices
   full = max(L * copies(_SAVED) + copies(_WORK), L * copies(_SAVED) + logits_phase) + work
   remat = max(L * copies(_SAVED_REMAT) + copies(_WORK_REMAT),
               L * copies(_SAVED_REMAT) + logits_phase) + work
+  selective = max(L * copies(_SAVED_SELECTIVE) + copies(_WORK_SELECTIVE),
+                  L * copies(_SAVED_SELECTIVE) + logits_phase) + work
 
   adapters = -(-adapter_params // split)
   shape = f"{c.model_type} L={L} d={d} ffn={c.intermediate_size} vocab={V}"
@@ -307,6 +320,7 @@ def plan(model: LlamaConfig | Mapping[str, Any] | str | pathlib.Path, *, devices
       adapters=adapters * s_ad, gradients=adapters * s_ad,
       optimizer=0 if optimizer_offload else adapters * 8,
       activations_full=int(full), activations_checkpointed=int(remat),
+      activations_selective=int(selective),
       memory_per_device=None if memory_per_device is None else parse_size(memory_per_device),
       lora_r=lora_r, target_modules=targets, dtype=dtype, base_dtype=base_dtype or dtype,
       adapter_dtype=adapter_dtype, optimizer_offload=optimizer_offload,
@@ -334,8 +348,9 @@ def _assumptions(p: Plan) -> list[tuple[str, str]]:
       ("batch x seq", f"{p.batch} x {p.seq} (global; {p.tokens_per_device} tokens per device)"),
       ("LoRA", f"r={p.lora_r} on {targets}"
        + (f", dropout {p.lora_dropout:g}" if p.lora_dropout else "")),
-      ("checkpointing", "on: each layer recomputed in the backward pass" if p.checkpointing
-       else "off: every layer's activations kept for the backward pass"),
+      ("checkpointing", "selective: projections kept, norms, RoPE, softmax, SwiGLU recomputed"
+       if p.checkpointing == "selective" else "on: each layer recomputed in the backward pass"
+       if p.checkpointing else "off: every layer's activations kept for the backward pass"),
       ("dtype", f"{floats}; {p.adapter_dtype} adapters and gradients"),
       ("optimizer offload", "on: Adam moments on the host (paged), not counted"
        if p.optimizer_offload else "off: Adam's two float32 moments on the device"),
@@ -355,8 +370,10 @@ def format_plan(p: Plan, header: str = "assumptions:") -> str:
           ("adapter gradients", p.gradients), ("optimizer state (Adam)", p.optimizer),
           ("activations, no checkpointing" + (" " if p.checkpointing else " *"),
            p.activations_full),
-          ("activations, per-layer checkpointing" + (" *" if p.checkpointing else " "),
-           p.activations_checkpointed)]
+          ("activations, selective checkpointing"
+           + (" *" if p.checkpointing == "selective" else " "), p.activations_selective),
+          ("activations, per-layer checkpointing"
+           + (" *" if p.checkpointing is True else " "), p.activations_checkpointed)]
   assumed = _assumptions(p)
   label_width = max(len(k) for k, _ in assumed) + 2
   lines = [header] + [f"  {k:<{label_width}}{v}" for k, v in assumed] + [""]

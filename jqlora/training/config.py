@@ -63,7 +63,7 @@ class TrainConfig:
   load_in_4bit: bool = True
   bnb_4bit_quant_type: Literal["nf4", "fp4", "int4"] = "nf4"  # load_in_4bit's code table (bnb's key)
   dtype: Literal["bfloat16", "float32"] = "bfloat16"
-  gradient_checkpointing: bool = False
+  gradient_checkpointing: bool | Literal["selective"] = False  # Llama.remat
   loss_chunk_size: int | None = None
   # adapter
   lora_r: int = 8

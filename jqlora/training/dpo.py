@@ -94,7 +94,7 @@ def sequence_logps(logits: jax.Array, labels: jax.Array,
     ``(logps, n_tokens)``: float32 and int32 ``[B]``.
   """
   targets, valid = next_token_targets(labels, segment_ids)
-  losses = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1].astype(jnp.float32), targets)
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
   return -jnp.sum(jnp.where(valid, losses, 0.0), axis=1), jnp.sum(valid, axis=1, dtype=jnp.int32)
 
 

@@ -44,18 +44,19 @@ def token_loss_sums(logits: jax.Array, labels: jax.Array,
     ``(loss_sum, n_targets)``: float32 and int32 scalars.
   """
   targets, valid = next_token_targets(labels, segment_ids)
-  losses = optax.softmax_cross_entropy_with_integer_labels(
-      logits[:, :-1].astype(jnp.float32), targets)
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
   return jnp.sum(jnp.where(valid, losses, 0.0)), jnp.sum(valid, dtype=jnp.int32)
 
 
 def next_token_targets(labels: jax.Array,
                        segment_ids: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-  """Next-token targets ``[B, T - 1]`` (0 where not a target) and the bool target mask."""
-  targets = labels[:, 1:]
+  """Next-token targets ``[B, T]`` aligned with the logits (0 where not a target) and the bool
+  target mask ``[B, T]``; the last position has no target. Aligned rather than ``[B, T - 1]`` so
+  that the loss reads the whole logits array: slicing off the last position copies it."""
+  targets = jnp.pad(labels[:, 1:], ((0, 0), (0, 1)), constant_values=IGNORE_INDEX)
   valid = targets != IGNORE_INDEX
   if segment_ids is not None:
-    valid &= segment_ids[:, 1:] == segment_ids[:, :-1]
+    valid &= jnp.pad(segment_ids[:, 1:] == segment_ids[:, :-1], ((0, 0), (0, 1)))
   return jnp.where(valid, targets, 0), valid
 
 
@@ -85,8 +86,7 @@ def chunked_token_loss_sums(head: Callable[[jax.Array], jax.Array], hidden: jax.
   size = min(chunk_size, n)
   chunks = -(-n // size)
   pad = chunks * size - n
-  # the last position of each row has no target: pad [B, T - 1] to [B, T], then to chunks
-  flat = lambda x: jnp.pad(jnp.pad(x, ((0, 0), (0, 1))).reshape(n), (0, pad))
+  flat = lambda x: jnp.pad(x.reshape(n), (0, pad))
   targets, mask = flat(targets).reshape(chunks, size), flat(valid).reshape(chunks, size)
   hidden = jnp.pad(hidden.reshape(n, d), ((0, pad), (0, 0))).reshape(chunks, size, d)
 

@@ -112,7 +112,7 @@ def test_plan_is_within_10_percent_of_the_measured_peak(size):
   batch, seq = size.pop("batch"), size.pop("seq")
   cfg = dict(model_type="llama", **size)
   model = _model(cfg, r=8)
-  for checkpointing in (False, True):
+  for checkpointing in (False, "selective", True):
     model.remat = checkpointing
     measured = measure(model, batch=batch, seq=seq).total
     p = plan(cfg, batch=batch, seq=seq, lora_r=8, checkpointing=checkpointing,

@@ -41,6 +41,7 @@ def test_unknown_key_suggests_the_nearest(files):
     ("lr_scheduler", "step", "lr_scheduler must be 'constant' | 'linear' | 'cosine'"),
     ("max_steps", 2.5, "max_steps must be int | null"),
     ("lora_r", 0, "lora_r must be >= 1"),
+    ("gradient_checkpointing", "sometimes", "gradient_checkpointing must be bool | 'selective'"),
 ])
 def test_wrong_values_name_the_key_and_the_type(files, key, value, expected):
   _, cfg = files
@@ -57,6 +58,14 @@ def test_missing_dataset_file_and_missing_key(files):
     load_config(cfg)
   with pytest.raises(ConfigError, match="does not exist"):
     load_config(tmp_path / "missing.yaml")
+
+
+def test_gradient_checkpointing_takes_a_bool_or_selective(files):
+  _, cfg = files
+  assert load_config(cfg, parse_overrides(["gradient_checkpointing=selective"])) \
+      .gradient_checkpointing == "selective"
+  assert load_config(cfg, parse_overrides(["gradient_checkpointing=true"])) \
+      .gradient_checkpointing is True
 
 
 def test_loss_chunk_size_must_be_positive_or_null():

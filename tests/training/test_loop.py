@@ -46,14 +46,16 @@ def test_packed_loss_equals_unpacked_per_example_losses(data_dir):
 
 @pytest.mark.slow
 def test_remat_trains_the_adapters_of_a_frozen_base_like_no_remat(data_dir):
+  """Per-layer and selective checkpointing: the same losses as keeping everything."""
   batch = {"input_ids": jnp.asarray(np.random.default_rng(1).integers(3, 500, (2, 16)), jnp.int32)}
   batch["labels"] = batch["input_ids"]
   losses = {}
-  for remat in (False, True):
+  for remat in (False, "selective", True):
     model = _tiny(data_dir, remat)
     optimizer = jqlora.make_optimizer(model, optax.adam(1e-2))
     losses[remat] = [float(jqlora.train_step(model, optimizer, batch)["loss"]) for _ in range(6)]
   np.testing.assert_allclose(losses[True], losses[False], rtol=1e-5)
+  np.testing.assert_allclose(losses["selective"], losses[False], rtol=1e-5)
   assert losses[True][-1] < losses[True][0] - 0.1
 
 
