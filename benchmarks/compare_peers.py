@@ -26,6 +26,13 @@ Kaiming-uniform, B zero: PEFT's init) and saves it with ``jqlora.save_adapter``;
 every other stack loads that file (PEFT: ``PeftModel.from_pretrained(...,
 is_trainable=True)``; qwix: copied into its ``kernel_lora_a/b``).
 
+What the backward pass keeps: without ``--remat``, the jqlora stacks use selective
+checkpointing (``Llama.remat = "selective"``: each layer keeps its projections, attention
+output and mid-layer residual and recomputes norms, RoPE, softmax and SwiGLU, no matmul),
+the torch stacks and qwix keep what their autograd keeps; ``--jqlora-saves all`` makes jqlora
+keep everything XLA keeps (``Llama.remat = False``). ``--remat``: per-layer activation
+checkpointing in every stack.
+
 Measured per stack: model load time, the first step (JAX stacks: compilation
 included), median step time and tokens/s over the steps after the warm-up ones,
 peak RSS (``ru_maxrss`` of the process, and the peak after loading alone:
@@ -117,8 +124,8 @@ def presets(args: argparse.Namespace) -> list[Setting]:
   if args.quick:
     return [Setting(SMOLLM2, batch=2, seq=64, steps=6, warmup=2, **same)]
   if args.curves:
-    steps = args.steps or 6
-    warmup = min(2, steps - 1)
+    steps = args.steps or 4
+    warmup = 1  # the first step compiles (JAX) or warms the allocator (torch); the rest are timed
     tokens = args.curve_tokens
     seqs = [Setting(SMOLLM2, batch=max(1, tokens // t), seq=t, steps=steps, warmup=warmup,
                     **same) for t in args.curve_seqs]
@@ -928,7 +935,7 @@ def main(argv: list[str] | None = None, stem: str = "compare_peers",
                            "'selective' (Llama.remat='selective', no matmul recomputed; the "
                            "default) or 'all' (Llama.remat=False)")
   parser.add_argument("--batch", type=int, help="sequences per step (default 4; --big: 1)")
-  parser.add_argument("--steps", type=int, help="steps, warm-up included (default 12; --big: 4)")
+  parser.add_argument("--steps", type=int, help="steps, warm-up included (default 12; --big, --curves: 4)")
   parser.add_argument("--stacks", default=",".join(default_stacks),
                       help=f"comma-separated, of {', '.join(STACKS)} (default: %(default)s)")
   parser.add_argument("--breakdown", action="store_true",

@@ -5,19 +5,21 @@ The model is ``compare_peers``' jqlora-qlora stack: the embedded SmolLM2-135M GG
 every decoder linear, AdamW, float32, a fixed random batch. The step is
 ``jqlora.training.functional_step`` under ``jax.jit`` with the states donated.
 
-Each variant (a lever: an XLA flag, a backend order ``$JQLORA_BACKEND``, the compute
-dtype, checkpointing and its policy, the chunked loss, the batch shape) runs in its own
-process, one after the other, and reports: the median step time over ``--steps`` steps after
-a warm-up, tokens/s, the ratio to the first variant, peak RSS of the training phase, XLA's
-temporary buffer size, the model FLOPs per step (``compare_peers.model_flops``), the dense
-float32 matmul throughput measured in the same process (``[B*T, hidden] @ [hidden,
-intermediate]``, compare_peers' calibration shape) and the CPU "MFU" (FLOPs per second over
-that throughput), and the 1-minute load average at its start and end. With ``--profile``
-(the default for the variants in ``PROFILED``) one step is traced with ``jax.profiler``: every
-XLA thunk event (``hlo_op``) is timed (self time, nested events subtracted) and put in a
-category by the optimized HLO it runs (the called fusion's instructions and the source files
-of their stack frames): NF4 decode, matmul (dot), attention, softmax + cross-entropy,
-elementwise, copies/transposes, optimizer, other.
+Each variant is a lever: an XLA flag, the allocator (``LD_PRELOAD`` of Debian's jemalloc or
+tcmalloc, glibc's ``hugetlb`` tunable), a backend order ``$JQLORA_BACKEND``, the compute dtype,
+checkpointing and its policy, the chunked loss, the batch shape. Variants that share their
+process environment and batch shape run in one process with their steps interleaved (so that
+each sees the same load); the others in processes of their own. Each reports: the median step
+time over ``--steps`` steps after a warm-up, tokens/s, the ratio to the first variant, peak RSS
+of the training phase, XLA's temporary buffer size, the model FLOPs per step
+(``compare_peers.model_flops``), the dense float32 matmul throughput measured in the same
+process (``[B*T, hidden] @ [hidden, intermediate]``, compare_peers' calibration shape) and the
+CPU "MFU" (FLOPs per second over that throughput), and the 1-minute load average at its start
+and end. With ``--profile`` (the default for the variants in ``PROFILED``) one step is traced
+with ``jax.profiler``: every XLA thunk event (``hlo_op``) is timed (self time, nested events
+subtracted) and put in a category by the optimized HLO it runs (the called fusion's instructions
+and the source files of their stack frames): NF4 decode, matmul (dot), attention, softmax +
+cross-entropy, elementwise, copies/transposes, optimizer, other.
 
   python benchmarks/profile_step.py                       # the default variants, 6 steps each
   python benchmarks/profile_step.py --variants qlora,lora --steps 4
@@ -90,6 +92,8 @@ VARIANTS = {
                               env=(("LD_PRELOAD", JEMALLOC),)),
     "qlora-tcmalloc": Variant("tcmalloc (Debian's libtcmalloc-minimal4) instead of glibc malloc",
                               env=(("LD_PRELOAD", TCMALLOC),)),
+    "qlora-thp": Variant("glibc malloc advising its mmapped blocks onto transparent huge pages",
+                         env=(("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1"),)),
     "lora-jemalloc": Variant("float base, jemalloc", quantize=False,
                              env=(("LD_PRELOAD", JEMALLOC),)),
     "qlora-chunk256": Variant("chunked LM-head loss, 256 tokens", loss_chunk=256),
@@ -105,9 +109,13 @@ VARIANTS = {
                           env=(("JQLORA_BACKEND", "einsum,xla"),)),
     "qlora-2048-blockwise": Variant("1 x 2048, blockwise attention (the CPU default for S > 512)",
                                     batch=1, seq=2048, env=(("JQLORA_BACKEND", "blockwise,xla"),)),
+    "qlora-2048-selective": Variant("1 x 2048, blockwise attention, selective checkpointing",
+                                    batch=1, seq=2048, remat="selective",
+                                    env=(("JQLORA_BACKEND", "blockwise,xla"),)),
 }
-DEFAULT = ("qlora", "lora", "qlora-native", "qlora-sdpa", "qlora-bf16", "qlora-no-ynn",
-           "qlora-chunk256", "qlora-remat")
+DEFAULT = ("qlora", "lora", "qlora-selective", "lora-selective", "qlora-remat", "qlora-native",
+           "qlora-sdpa", "qlora-bf16", "qlora-no-ynn", "qlora-chunk256", "qlora-jemalloc",
+           "qlora-tcmalloc", "qlora-thp")
 PROFILED = ("qlora", "lora")
 CATEGORIES = ("NF4 decode", "matmul (dot)", "matmul + fused NF4 decode", "attention",
               "softmax + cross-entropy", "elementwise", "copies/transposes", "optimizer", "other")

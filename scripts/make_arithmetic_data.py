@@ -13,10 +13,9 @@ Usage: python scripts/make_arithmetic_data.py [--out data/arithmetic] [--train 6
 
 from __future__ import annotations
 
-import argparse
-import json
-import pathlib
 import random
+
+from splits import distinct, split_args, write_splits
 
 TEMPLATES = ["{a} {op} {b}", "What is {a} {op} {b}?", "Compute {a} {op} {b}.", "{a} {op} {b} = ?"]
 INSTRUCTION = "Calculate. Answer with the number only."
@@ -34,25 +33,12 @@ def example(rng: random.Random) -> tuple[tuple[int, str, int], dict[str, str]]:
 
 
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--out", default=str(pathlib.Path(__file__).parents[1] / "data" / "arithmetic"))
-  parser.add_argument("--train", type=int, default=600)
-  parser.add_argument("--test", type=int, default=100)
-  parser.add_argument("--seed", type=int, default=0)
-  args = parser.parse_args()
+  args = split_args(__doc__, "arithmetic", train=600, held_out="test", held=100)
   rng = random.Random(args.seed)
-  seen, records = set(), []
-  while len(records) < args.train + args.test:  # distinct problems: no held-out leak
-    key, r = example(rng)
-    if key not in seen:  # a problem in train is never in test, however worded
-      seen.add(key)
-      records.append(r)
-  out = pathlib.Path(args.out)
-  out.mkdir(parents=True, exist_ok=True)
-  for name, part in (("train", records[:args.train]), ("test", records[args.train:])):
-    with open(out / f"{name}.jsonl", "w") as f:
-      f.writelines(json.dumps(r) + "\n" for r in part)
-    print(f"wrote {len(part)} examples to {out / f'{name}.jsonl'}")
+  # distinct problems: a problem in train is never in test, however worded
+  records = [r for _, r in distinct(lambda: example(rng), key=lambda x: x[0],
+                                    n=args.train + args.test)]
+  write_splits(args.out, {"train": records[:args.train], "test": records[args.train:]})
 
 
 if __name__ == "__main__":

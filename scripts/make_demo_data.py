@@ -10,10 +10,10 @@ Usage: python scripts/make_demo_data.py [--out data/demo] [--train 600] [--eval 
 
 from __future__ import annotations
 
-import argparse
 import json
-import pathlib
 import random
+
+from splits import distinct, split_args, write_splits
 
 FIRST = ["Alice", "Bruno", "Chen", "Dana", "Emil", "Fatima", "Goran", "Hana", "Ivan", "Julia",
          "Kofi", "Lena", "Marco", "Nadia", "Omar", "Priya", "Quinn", "Rosa", "Sven", "Tara",
@@ -45,25 +45,10 @@ def example(rng: random.Random) -> dict[str, str]:
 
 
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--out", default=str(pathlib.Path(__file__).parents[1] / "data" / "demo"))
-  parser.add_argument("--train", type=int, default=600)
-  parser.add_argument("--eval", type=int, default=100)
-  parser.add_argument("--seed", type=int, default=0)
-  args = parser.parse_args()
+  args = split_args(__doc__, "demo", train=600, held_out="eval", held=100)
   rng = random.Random(args.seed)
-  seen, records = set(), []
-  while len(records) < args.train + args.eval:  # distinct inputs: no held-out leak
-    r = example(rng)
-    if r["input"] not in seen:
-      seen.add(r["input"])
-      records.append(r)
-  out = pathlib.Path(args.out)
-  out.mkdir(parents=True, exist_ok=True)
-  for name, part in (("train", records[:args.train]), ("eval", records[args.train:])):
-    with open(out / f"{name}.jsonl", "w") as f:
-      f.writelines(json.dumps(r) + "\n" for r in part)
-    print(f"wrote {len(part)} examples to {out / f'{name}.jsonl'}")
+  records = distinct(lambda: example(rng), key=lambda r: r["input"], n=args.train + args.eval)
+  write_splits(args.out, {"train": records[:args.train], "eval": records[args.train:]})
 
 
 if __name__ == "__main__":

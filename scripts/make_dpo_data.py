@@ -11,10 +11,9 @@ Usage: python scripts/make_dpo_data.py [--out data/dpo] [--train 320] [--test 64
 
 from __future__ import annotations
 
-import argparse
-import json
-import pathlib
 import random
+
+from splits import distinct, split_args, write_splits
 
 SYLLABLES = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
 
@@ -27,24 +26,13 @@ def record(word: str) -> dict[str, list[dict[str, str]]]:
 
 
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--out", default=str(pathlib.Path(__file__).parents[1] / "data" / "dpo"))
-  parser.add_argument("--train", type=int, default=320)
-  parser.add_argument("--test", type=int, default=64)
-  parser.add_argument("--seed", type=int, default=0)
-  args = parser.parse_args()
+  args = split_args(__doc__, "dpo", train=320, held_out="test", held=64)
   rng = random.Random(args.seed)
-  words: list[str] = []
-  while len(words) < args.train + args.test:  # distinct, and never a palindrome
-    word = "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(2, 3)))
-    if word not in words and word != word[::-1]:
-      words.append(word)
-  out = pathlib.Path(args.out)
-  out.mkdir(parents=True, exist_ok=True)
-  for name, part in (("train", words[:args.train]), ("test", words[args.train:])):
-    with open(out / f"{name}.jsonl", "w") as f:
-      f.writelines(json.dumps(record(w)) + "\n" for w in part)
-    print(f"wrote {len(part)} pairs to {out / f'{name}.jsonl'}")
+  draw = lambda: "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(2, 3)))
+  words = distinct(draw, key=lambda w: w, n=args.train + args.test,
+                   keep=lambda w: w != w[::-1])  # never a palindrome
+  write_splits(args.out, {"train": [record(w) for w in words[:args.train]],
+                          "test": [record(w) for w in words[args.train:]]}, noun="pairs")
 
 
 if __name__ == "__main__":
