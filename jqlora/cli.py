@@ -252,7 +252,8 @@ def _plan_parser() -> argparse.ArgumentParser:
                        f"{'on' if d.gradient_checkpointing else 'off'}, as jqlora train)")
   ap.add_argument("--selective", dest="checkpointing", action="store_const", const="selective",
                   help="selective checkpointing, as gradient_checkpointing: selective (keep "
-                       "the projections, recompute norms, RoPE, softmax and SwiGLU)")
+                       "the projections, recompute norms, RoPE, softmax and SwiGLU; default: "
+                       "the config's gradient_checkpointing)")
   ap.add_argument("--dtype", choices=sorted(budget.DTYPE_BYTES),
                   help=f"compute dtype of activations and float weights (default: the config's "
                        f"dtype, else {d.dtype})")
