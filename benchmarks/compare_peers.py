@@ -776,8 +776,9 @@ def _run_tables(r: dict, gpu: bool) -> list[str]:
   lines += ["", "| target | measured | wanted | |", "|---|---:|---:|---|"]
   for k, t in r["ratios"].items():
     unit = "" if k == "mfu" else "x"
-    lines.append(f"| jqlora-qlora {k.replace('_', ' ')} | {t['ratio']:.2f}{unit} | {t['target']} | "
-                 f"{'met' if t['met'] else 'MISSED'} |")
+    who = "jqlora-lora" if k.startswith("lora_") else "jqlora-qlora"
+    lines.append(f"| {who} {k.removeprefix('lora_').replace('_', ' ')} | {t['ratio']:.2f}{unit} | "
+                 f"{t['target']} | {'met' if t['met'] else 'MISSED'} |")
   for k, t in r["loss_agreement"].items():
     if k.startswith("jqlora"):
       lines.append(f"| loss {k}, first {t['steps']} steps, max abs diff | {t['max_abs_diff']:.1e} "

@@ -511,6 +511,8 @@ def main(argv: list[str] | None = None) -> None:
                       + ", ".join(PROFILED))
   parser.add_argument("--list", action="store_true", help="print the variants and exit")
   parser.add_argument("--out-dir", default=str(pathlib.Path(__file__).parent / "results"))
+  parser.add_argument("--name", default="profile_step",
+                      help="the JSON's file name in --out-dir, without .json")
   parser.add_argument("--note", help="a remark kept in the JSON: what else ran on the machine")
   parser.add_argument("--child", help=argparse.SUPPRESS)
   parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -543,9 +545,10 @@ def main(argv: list[str] | None = None) -> None:
   report["machine_after"] = {"load_average": list(os.getloadavg())}
   out = pathlib.Path(args.out_dir)
   out.mkdir(parents=True, exist_ok=True)
-  (out / "profile_step.json").write_text(json.dumps(report, indent=2))
+  path = out / f"{args.name}.json"
+  path.write_text(json.dumps(report, indent=2))
   print(table(report["results"]))
-  print(f"wrote {out / 'profile_step.json'}")
+  print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """The README's peer-comparison tables, generated from the committed ``compare_peers`` JSON.
 
 Each generated block of ``README.md`` sits between ``<!-- readme_tables:NAME -->`` and
-``<!-- /readme_tables:NAME -->``; this script rewrites the blocks whose JSON is present:
+``<!-- /readme_tables:NAME -->``; this script rewrites them all (one whose JSON is missing says
+so):
 
 - ``peers``: the one-point five-stack table and its targets (``compare_peers.json``), then the
   same with activation checkpointing in every stack (``compare_peers_remat.json``);
@@ -114,14 +115,17 @@ def memory(results: pathlib.Path) -> list[str] | None:
 
 
 BLOCKS = {"peers": peers, "curves": curves, "memory": memory}
+#: what writes each block's JSON, said in the block while it is missing
+COMMANDS = {"peers": "python benchmarks/compare_peers.py --breakdown",
+            "curves": "python benchmarks/compare_peers.py --curves --breakdown",
+            "memory": "python benchmarks/compare_peers.py --breakdown"}
 
 
 def render(readme: str, results: pathlib.Path = RESULTS) -> str:
-  """``readme`` with every block whose JSON exists regenerated; ValueError for a missing marker."""
+  """``readme`` with every block regenerated (a block whose JSON is missing says so and what
+  writes it); ValueError for a missing marker."""
   for name, build in BLOCKS.items():
-    lines = build(results)
-    if lines is None:
-      continue
+    lines = build(results) or [f"*Not measured yet: `{COMMANDS[name]}` writes it.*"]
     pattern = re.compile(rf"(<!-- readme_tables:{name} -->\n).*?(<!-- /readme_tables:{name} -->)",
                          re.S)
     if not pattern.search(readme):
