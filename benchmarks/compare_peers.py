@@ -723,10 +723,18 @@ def compare(s: Setting, workdir: pathlib.Path, env: dict, gpu: bool,
   need_adapter = not (pathlib.Path(common["adapter_dir"]) / "adapter_config.json").is_file()
   first = ("jqlora-qlora",) if need_adapter or "jqlora-qlora" in stacks else ()
   order = first + tuple(x for x in stacks if x != "jqlora-qlora")
+  failed = {}
   for stack in order:
     spec = {**common, "kind": KIND[stack], "stack": stack,
             "breakdown": breakdown and stack == "jqlora-qlora"}
-    r = _run_child(spec, run_dir, env)
+    try:
+      r = _run_child(spec, run_dir, env)
+    except RuntimeError as e:  # e.g. out of memory at a large setting: the other stacks still run
+      if stack == "jqlora-qlora" and need_adapter:
+        raise  # the other stacks start from the adapter it writes
+      failed[stack] = str(e)[-2000:]
+      print(f"  {stack} FAILED: {str(e).splitlines()[0]}", flush=True)
+      continue
     r["model_flops"] = flops["total"]
     r["mfu"] = flops["total"] / r["median_step_s"] / calibration["flop_per_s"]
     if stack in stacks:
@@ -735,8 +743,8 @@ def compare(s: Setting, workdir: pathlib.Path, env: dict, gpu: bool,
   if len(vocab) != 1:
     raise RuntimeError(f"{s.model}: the stacks disagree on the vocabulary size: {vocab}")
   return {"setting": dataclasses.asdict(s), "dtype": common["dtype"], "flops": flops,
-          "calibration": calibration, "stacks": results, "ratios": _ratios(results, gpu),
-          "loss_agreement": _loss_agreement(results)}
+          "calibration": calibration, "stacks": results, "failed": failed,
+          "ratios": _ratios(results, gpu), "loss_agreement": _loss_agreement(results)}
 
 
 # -- reporting ------------------------------------------------------------------
@@ -773,6 +781,9 @@ def _run_tables(r: dict, gpu: bool) -> list[str]:
                  f"{mem / GIB:.2f} | {'-' if train is None else f'{train / GIB:.2f}'} | "
                  f"{x['losses'][0]:.5f} | {x['losses'][-1]:.5f} | {mae} | "
                  f"{max(x['load_avg_1min']):.1f} |")
+  for name, err in r.get("failed", {}).items():
+    reason = err.strip().splitlines()[-1][:120].replace("|", "/")
+    lines.append(f"| {name} | failed: {reason} |" + " |" * 10)
   lines += ["", "| target | measured | wanted | |", "|---|---:|---:|---|"]
   for k, t in r["ratios"].items():
     unit = "" if k == "mfu" else "x"
@@ -971,13 +982,13 @@ def main(argv: list[str] | None = None, stem: str = "compare_peers",
             "curve_tokens": args.curve_tokens, "curve_models": args.curve_models,
             "curve_batch": args.batch or 4}
   breakdown = args.breakdown or args.curves
-  with tempfile.TemporaryDirectory(prefix="jqlora_compare_") as tmp:
-    for s in presets(args):
-      report["runs"].append(compare(s, pathlib.Path(tmp), env, gpu, stacks, breakdown))
   out = pathlib.Path(args.out_dir)
   out.mkdir(parents=True, exist_ok=True)
   path = out / f"{stem}{suffix}"
-  path.with_suffix(".json").write_text(json.dumps(report, indent=2))
+  with tempfile.TemporaryDirectory(prefix="jqlora_compare_") as tmp:
+    for s in presets(args):
+      report["runs"].append(compare(s, pathlib.Path(tmp), env, gpu, stacks, breakdown))
+      path.with_suffix(".json").write_text(json.dumps(report, indent=2))  # kept if a later run dies
   table = markdown(report)
   path.with_suffix(".md").write_text(table)
   (plot_curves if args.curves else plot)(report, path.with_suffix(".png"))

@@ -45,6 +45,14 @@ def _machine(report: dict, name: str) -> str:
           + ", ".join(f"{k} {v}" for k, v in m["versions"].items()))
 
 
+def _isa_level(machine: dict) -> str:
+  """The widest vector ISA among a machine's flags (``AVX-512``, ``AVX2``, ...), to tell CPUs of one
+  model name apart."""
+  flags = machine["isa_flags"]
+  return next((name for flag, name in (("amx_tile", "AMX"), ("avx512f", "AVX-512"), ("avx2", "AVX2"))
+               if flag in flags), "no AVX2")
+
+
 def _one_point(report: dict, name: str) -> list[str]:
   """A run's stack and target tables (``compare_peers._run_tables``) under its machine line."""
   lines = [f"*{_machine(report, name)}.*", ""]
@@ -102,8 +110,9 @@ def memory(results: pathlib.Path) -> list[str] | None:
       if "memory_breakdown" in q:
         s = r["setting"]
         saves = "full" if s["remat"] else s.get("jqlora_saves", "all")
-        rows.append((f"{s['model']} {s['batch']} x {s['seq']}, checkpointing {saves}",
-                     q["memory_breakdown"]))
+        rows.append((f"{s['model']} {s['batch']} x {s['seq']}, checkpointing {saves} "
+                     f"([{name}](benchmarks/results/{name}.json), {report['machine']['cpu']} "
+                     f"{_isa_level(report['machine'])})", q["memory_breakdown"]))
   if not rows:
     return None
   lines = ["| jqlora-qlora GiB | " + " | ".join(k.replace("_", " ") for k in BREAKDOWN)

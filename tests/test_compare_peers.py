@@ -111,6 +111,52 @@ def test_curves_keep_batch_times_length_and_add_the_model_sizes():
   assert sizes == [compare_peers.SMOLLM2, compare_peers.MID, compare_peers.BIG]
 
 
+def _fake_result(loss: float) -> dict:
+  return {"load_s": 1.0, "first_step_s": 3.0, "median_step_s": 2.0, "tokens_per_s": 256.0,
+          "peak_rss_bytes": 2**30, "vocab_size": 8, "losses": [loss] * 3,
+          "load_avg_1min": [0.5, 0.5]}
+
+
+CALIBRATION = {"flop_per_s": 1e9, "jax_flop_per_s": 1e9, "torch_flop_per_s": 1e9, "shape": [8, 8, 8]}
+
+
+def test_a_failing_stack_is_recorded_and_the_others_still_run(tmp_path, monkeypatch):
+  """One stack dying (say, out of memory at a large setting) leaves the rest of the run."""
+  setting = compare_peers.Setting(compare_peers.SMOLLM2, batch=1, seq=8, steps=3, warmup=1)
+  config = {"hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "num_key_value_heads": 2, "vocab_size": 8}
+
+  def prepare(model, workdir, *_):
+    (workdir / model).mkdir(parents=True)  # where the real one writes the model's files
+    return {"config": config, "adapter_dir": str(workdir / "adapter"), "dtype": "float32"}
+
+  monkeypatch.setattr(compare_peers, "prepare", prepare)
+  ran = []
+
+  def child(spec, workdir, env):
+    name = spec.get("stack", spec["kind"])
+    ran.append(name)
+    if name == "calibrate":
+      return CALIBRATION
+    if name == "qwix-qlora":
+      raise RuntimeError("qwix-qlora failed (exit -9):\nKilled")
+    return _fake_result(1.0)
+
+  monkeypatch.setattr(compare_peers, "_run_child", child)
+  out = compare_peers.compare(setting, tmp_path, {}, gpu=False)
+  assert ran == ["calibrate", *STACKS]
+  assert sorted(out["stacks"]) == sorted(set(STACKS) - {"qwix-qlora"})
+  assert out["failed"]["qwix-qlora"].endswith("Killed")
+  assert "tokens_per_s_vs_qwix" not in out["ratios"] and "tokens_per_s_vs_peft_bnb" in out["ratios"]
+  assert "| qwix-qlora | failed: Killed |" in "\n".join(compare_peers._run_tables(out, False))
+  # without the adapter jqlora-qlora writes, the others cannot start: that failure stops the run
+  monkeypatch.setattr(compare_peers, "_run_child", lambda spec, *a: (
+      CALIBRATION if spec["kind"] == "calibrate" else (_ for _ in ()).throw(
+          RuntimeError("jqlora-qlora failed"))))
+  with pytest.raises(RuntimeError, match="jqlora-qlora failed"):
+    compare_peers.compare(setting, tmp_path / "again", {}, gpu=False)
+
+
 @pytest.mark.slow  # builds a transformers model and traces qwix's wrapped one
 def test_qwix_llama_matches_transformers_and_qwix_wraps_it(tmp_path):
   import jax.numpy as jnp

@@ -337,3 +337,14 @@ def test_kv_cache_overrun_raises_instead_of_overwriting(tiny_model):
   assert int(cache.index) == 8
   with pytest.raises(Exception, match=r"KV cache overrun: 1 new token\(s\) after the 8 cached"):
     jax.block_until_ready(step(model, ids[:, :1], cache))  # traced: raised when it runs
+
+
+def test_remat_rejects_an_unknown_policy(tiny_model):
+  """``Llama.remat`` takes False, True or "selective"; any other string names what it takes."""
+  model = tiny_model("tiny-llama")
+  ids = jnp.zeros((1, 4), jnp.int32)
+  model.remat = "selective"
+  assert model(ids).shape[:2] == (1, 4)
+  model.remat = "everything"
+  with pytest.raises(ValueError, match="must be False, True or 'selective', got 'everything'"):
+    model(ids)
